@@ -1,0 +1,95 @@
+"""Kept answers: a bounded in-memory LRU over the durable store, with freshness decided by the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from typing import Any
+
+import structlog
+from cachetools import LRUCache
+
+from license_server.signatures import AnswerFormatError, KeyRing, parse_signed_answer, verify_signed
+from license_server.store import Kept, Store
+
+log = structlog.get_logger(__name__)
+
+
+class _IndexedLRU(LRUCache[bytes, Kept]):
+    """An LRU of kept answers that also knows which cache keys belong to which license."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize)
+        self.by_license: defaultdict[tuple[str, str], set[bytes]] = defaultdict(set)
+
+    def __setitem__(self, key: bytes, value: Kept, cache_setitem: Any = LRUCache.__setitem__) -> None:
+        super().__setitem__(key, value)
+        self.by_license[value.license].add(key)
+
+    def __delitem__(self, key: bytes, cache_delitem: Any = LRUCache.__delitem__) -> None:
+        value = self[key]
+        super().__delitem__(key)
+        keys = self.by_license.get(value.license)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.by_license[value.license]
+
+
+class AnswerCache:
+    """Where the daemon keeps verified answers and finds them again during outages."""
+
+    def __init__(self, store: Store, keyring: KeyRing, memory_entries: int) -> None:
+        self.store = store
+        self.keyring = keyring
+        self._memory: _IndexedLRU | None = _IndexedLRU(memory_entries) if memory_entries > 0 else None
+
+    async def put(self, kept: Kept) -> None:
+        """Keep a verified answer in memory and on disk; returns once the disk write is committed."""
+        if self._memory is not None:
+            self._memory[kept.cache_key] = kept
+        await asyncio.shield(self.store.put(kept))  # one waiter going away must not cancel the shared batch
+
+    async def get(self, cache_key: bytes) -> Kept | None:
+        """The kept answer for a cache key; answers read from disk are verified again before use."""
+        if self._memory is not None and (kept := self._memory.get(cache_key)) is not None:
+            return kept
+        kept = await self.store.get(cache_key)
+        if kept is None:
+            return None
+        if not self._still_valid(kept):
+            log.error("kept_answer_invalid_dropped", product_id=kept.product_id, license_key=kept.license_key)
+            await self.store.forget_key(cache_key)
+            return None
+        if self._memory is not None:
+            self._memory[cache_key] = kept
+        return kept
+
+    def _still_valid(self, kept: Kept) -> bool:
+        """Whether a kept answer read back from disk still carries a signature a vendor key accepts."""
+        try:
+            signed = parse_signed_answer(json.loads(kept.body))
+        except (ValueError, AnswerFormatError):
+            return False
+        return signed is not None and verify_signed(self.keyring, signed)
+
+    async def forget(self, product_id: str, license_key: str, machine_code: str | None = None) -> int:
+        """Drop kept answers of a license, or of one machine of it, from memory and disk."""
+        license_key = license_key.upper()
+        if self._memory is not None:
+            for cache_key in list(self._memory.by_license.get((product_id, license_key), ())):
+                if machine_code is None or self._memory[cache_key].machine_code == machine_code:
+                    del self._memory[cache_key]
+        return await self.store.forget(product_id, license_key, machine_code)
+
+    async def forget_key(self, cache_key: bytes) -> None:
+        """Drop one kept answer from memory and disk."""
+        if self._memory is not None:
+            self._memory.pop(cache_key, None)
+        await self.store.forget_key(cache_key)
+
+    @property
+    def in_memory(self) -> int:
+        """How many kept answers are held in memory."""
+        return 0 if self._memory is None else len(self._memory)

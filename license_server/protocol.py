@@ -1,0 +1,182 @@
+"""Cryptolens request and answer shapes: path normalisation, fields, cache keys, the daemon's own errors."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+MAX_FIELDS = 64
+
+# Fields that say who is asking or describe the client, not what the answer contains.
+_FIELDS_NOT_IN_KEY = frozenset({"token", "friendlyname", "osinfo"})
+_TRUE = frozenset({"true", "1"})
+
+
+class Kind(Enum):
+    """What the daemon does with a call beyond forwarding it."""
+
+    ACTIVATE = "key/activate"
+    GETKEY = "key/getkey"
+    DEACTIVATE = "key/deactivate"
+    OTHER = "other"
+
+
+_KINDS = {kind.value: kind for kind in Kind if kind is not Kind.OTHER}
+
+
+class RequestError(Exception):
+    """A workstation request the daemon refuses, with the HTTP status and message to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def normalise_path(path: str) -> str | None:
+    """Return `controller/method` for an `/api/...` path in any SDK's spelling, or None when it is not one."""
+    parts = [part for part in path.split("/") if part]
+    if len(parts) != 3 or parts[0].lower() != "api":
+        return None
+    controller, method = parts[1].lower(), parts[2].lower()
+    if not (controller.isascii() and controller.isalnum() and method.isascii() and method.isalnum()):
+        return None
+    return f"{controller}/{method}"
+
+
+def parse_fields(*sources: str) -> dict[str, str]:
+    """Parse url-encoded form and query strings into one dict with lower-cased field names.
+
+    A field named twice (in any case, in either source) is refused: the daemon and the upstream
+    service must never disagree on which value counts.
+    """
+    fields: dict[str, str] = {}
+    for source in sources:
+        if not source:
+            continue
+        try:
+            pairs = parse_qsl(
+                source,
+                keep_blank_values=True,
+                strict_parsing=True,
+                errors="strict",
+                max_num_fields=MAX_FIELDS,
+            )
+        except ValueError as exc:
+            raise RequestError(400, "The request is not a valid url-encoded form.") from exc
+        for name, value in pairs:
+            lowered = name.lower()
+            if lowered in fields:
+                raise RequestError(400, f"The field '{name}' is given more than once.")
+            fields[lowered] = value
+    return fields
+
+
+def flag(fields: dict[str, str], name: str) -> bool:
+    """Read a boolean form field the way the upstream service does (True/true/1)."""
+    return fields.get(name, "").strip().lower() in _TRUE
+
+
+def int_field(fields: dict[str, str], name: str) -> int:
+    """Read an integer form field, 0 when absent or not a number."""
+    try:
+        return int(fields.get(name, "0").strip() or "0")
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One workstation call as the daemon understands it."""
+
+    method: str  # normalised "controller/method"
+    kind: Kind
+    fields: dict[str, str]
+    product_id: str
+    license_key: str
+    machine_code: str
+    floating_interval: int
+
+    @classmethod
+    def from_fields(cls, method: str, fields: dict[str, str]) -> Call:
+        """Build a call from its normalised method and parsed fields."""
+        return cls(
+            method=method,
+            kind=_KINDS.get(method, Kind.OTHER),
+            fields=fields,
+            product_id=fields.get("productid", "").strip(),
+            license_key=fields.get("key", "").strip(),
+            machine_code=fields.get("machinecode", ""),
+            floating_interval=int_field(fields, "floatingtimeinterval"),
+        )
+
+    @property
+    def keepable(self) -> bool:
+        """Whether the answer to this call is a signed license the daemon may keep."""
+        return self.kind in (Kind.ACTIVATE, Kind.GETKEY) and bool(self.license_key)
+
+    def cache_key(self, secret: bytes) -> bytes:
+        """Digest naming the answer: method, every answer-shaping field, and a keyed token fingerprint."""
+        digest = hashlib.sha256()
+        digest.update(self.method.encode())
+        digest.update(token_fingerprint(secret, self.fields.get("token", "")))
+        for name in sorted(self.fields):
+            if name in _FIELDS_NOT_IN_KEY:
+                continue
+            value = self.fields[name].strip()
+            if value.lower() in ("true", "false"):
+                value = value.lower()
+            digest.update(b"\x00" + name.encode() + b"\x01" + value.encode())
+        return digest.digest()
+
+
+def token_fingerprint(secret: bytes, token: str) -> bytes:
+    """Keyed fingerprint of an access token: lets the daemon tell tokens apart without keeping them."""
+    return hmac.new(secret, token.encode(), hashlib.sha256).digest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream answer's outline: its `result`, `message` and the parsed object."""
+
+    result: int
+    message: str
+    obj: dict[str, Any]
+
+
+def parse_answer(body: bytes) -> Answer | None:
+    """Read a Cryptolens JSON answer; None when it is not one (HTML page, garbage, no integer result)."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    lowered = {str(name).lower(): value for name, value in obj.items()}
+    result = lowered.get("result")
+    if not isinstance(result, int) or isinstance(result, bool):
+        return None
+    message = lowered.get("message")
+    return Answer(result=result, message=message if isinstance(message, str) else "", obj=obj)
+
+
+def error_body(message: str) -> bytes:
+    """The JSON body of an answer the daemon writes itself; every SDK parses this shape."""
+    return json.dumps({"result": 1, "message": message}).encode()
+
+
+def error_response(status: int, message: str, *, source: str = "daemon") -> web.Response:
+    """A JSON error answer written by the daemon itself."""
+    return web.Response(
+        status=status,
+        body=error_body(message),
+        content_type="application/json",
+        headers={"X-License-Server-Source": source},
+    )

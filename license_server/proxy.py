@@ -1,0 +1,269 @@
+"""Decides how each workstation call is answered: forwarded, from a kept answer, or from a license file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import structlog
+
+from license_server.cache import AnswerCache
+from license_server.config import KeepConfig
+from license_server.license_files import LicenseFiles
+from license_server.protocol import Call, Kind, error_body, flag
+from license_server.signatures import (
+    AnswerFormatError,
+    KeyRing,
+    SignedLicense,
+    parse_signed_answer,
+    verify_metadata,
+    verify_signed,
+)
+from license_server.store import Kept
+from license_server.upstream import Upstream, UpstreamAnswer, UpstreamFailure
+
+log = structlog.get_logger(__name__)
+
+JSON = "application/json; charset=utf-8"
+
+# Upstream refusals that mean the license itself is gone, not just this call.
+_LICENSE_GONE = ("blocked", "could not find the key")
+
+
+class Action(Enum):
+    """What the daemon did with a call; every answer carries exactly one."""
+
+    FORWARDED = "forwarded"
+    KEPT_FRESH = "kept_fresh"
+    KEPT_STALE = "kept_stale"
+    LICENSE_FILE = "license_file"
+    REFUSED = "refused"  # the daemon itself said no (bad input, method not allowed)
+    UPSTREAM_FAILED = "upstream_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a call was answered: the bytes for the workstation and the facts for the logs."""
+
+    action: Action
+    status: int
+    body: bytes
+    content_type: str = JSON
+    upstream_status: int | None = None
+    result: int | None = None
+    message: str = ""
+    failure: str | None = None  # why upstream could not answer, when it could not
+    age: float | None = None  # age in seconds of a kept answer or license file served
+
+    @classmethod
+    def refused(cls, status: int, message: str) -> Outcome:
+        """An answer the daemon writes itself to refuse a call."""
+        return cls(Action.REFUSED, status, error_body(message), result=1, message=message)
+
+
+class Licensing:
+    """The daemon's answering policy, independent of HTTP plumbing."""
+
+    def __init__(
+        self,
+        *,
+        upstream: Upstream | None,
+        cache: AnswerCache,
+        files: LicenseFiles,
+        keyring: KeyRing,
+        keep: KeepConfig,
+        secret: bytes,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.upstream = upstream  # None in offline mode: nothing ever leaves the machine
+        self.cache = cache
+        self.files = files
+        self.keyring = keyring
+        self.keep = keep
+        self.secret = secret
+        self.clock = clock
+        self.stale_served = 0
+
+    async def answer(
+        self, call: Call, http_method: str, body: bytes, raw_query: str, content_type: str | None
+    ) -> Outcome:
+        """Answer one allowlisted call."""
+        cache_key = call.cache_key(self.secret) if call.keepable else None
+        if self.upstream is None:
+            return await self._fallback(call, cache_key, UpstreamFailure("offline mode is on", status=503))
+        if cache_key is not None and self.keep.fresh_for > 0 and call.floating_interval <= 0:
+            kept = await self.cache.get(cache_key)
+            if kept is not None and self._age(kept) < self.keep.fresh_for:
+                return self._serve_kept(kept, Action.KEPT_FRESH)
+        coalesce = cache_key if call.kind is Kind.GETKEY else None
+        try:
+            answered = await self.upstream.call(
+                call.method, http_method, body, raw_query, content_type, coalesce_key=coalesce
+            )
+            return await self._on_answer(call, cache_key, answered)
+        except UpstreamFailure as failure:
+            return await self._fallback(call, cache_key, failure)
+
+    async def _on_answer(self, call: Call, cache_key: bytes | None, answered: UpstreamAnswer) -> Outcome:
+        """Handle an answer upstream gave: keep it if it is a verified license, act on refusals."""
+        answer = answered.answer
+        assert answer is not None  # Upstream.call only returns parsed answers
+        outcome = Outcome(
+            Action.FORWARDED,
+            answered.status,
+            answered.body,
+            answered.content_type,
+            upstream_status=answered.status,
+            result=answer.result,
+            message=answer.message,
+        )
+        if answer.result != 0:
+            await self._on_refusal(call, cache_key, answer.message)
+            return outcome
+        if call.kind is Kind.DEACTIVATE and call.license_key:
+            # A freed seat must never come back from a kept answer during a later outage.
+            await self.cache.forget(call.product_id, call.license_key, call.machine_code)
+            return outcome
+        if cache_key is None:
+            return outcome
+        signed = self._verified(call, answered)
+        if signed is not None:
+            if signed.block:
+                await self.cache.forget(call.product_id, call.license_key)
+            else:
+                await self.cache.put(
+                    Kept(
+                        cache_key=cache_key,
+                        method=call.method,
+                        product_id=call.product_id,
+                        license_key=call.license_key.upper(),
+                        machine_code=call.machine_code if call.kind is Kind.ACTIVATE else "",
+                        fetched_at=self.clock(),
+                        body=answered.body,
+                    )
+                )
+        return outcome
+
+    def _verified(self, call: Call, answered: UpstreamAnswer) -> SignedLicense | None:
+        """The signed license in an answer if it may be kept; raises UpstreamFailure for a forged one."""
+        assert answered.answer is not None
+        try:
+            signed = parse_signed_answer(answered.answer.obj)
+        except AnswerFormatError as exc:
+            raise UpstreamFailure(f"the licensing service sent a malformed signed answer: {exc}") from exc
+        if signed is None or not self.keyring:
+            return None  # unsigned, or no vendor key to check with: passed on, never kept
+        if not verify_signed(self.keyring, signed):
+            raise UpstreamFailure("the answer's signature does not verify with any configured vendor key")
+        metadata = {k.lower(): v for k, v in answered.answer.obj.items()}.get("metadata")
+        if (
+            flag(call.fields, "metadata")
+            and isinstance(metadata, dict)
+            and not verify_metadata(self.keyring, metadata)
+        ):
+            raise UpstreamFailure(
+                "the answer's metadata signature does not verify with any configured vendor key"
+            )
+        if not self._same_license(call, signed):
+            log.warning(
+                "answer_for_other_license_not_kept", product_id=call.product_id, license_key=call.license_key
+            )
+            return None
+        return signed
+
+    @staticmethod
+    def _same_license(call: Call, signed: SignedLicense) -> bool:
+        """Whether a signed license is the one the call asked about (and lists its machine, for Activate)."""
+        if signed.key.upper() != call.license_key.upper() or str(signed.product_id) != call.product_id:
+            return False
+        return call.kind is not Kind.ACTIVATE or signed.matches_machine(call.machine_code)
+
+    async def _on_refusal(self, call: Call, cache_key: bytes | None, message: str) -> None:
+        """Upstream said no: that answer, or the whole license, is no longer served from kept copies."""
+        if not call.license_key:
+            return
+        lowered = message.lower()
+        if any(marker in lowered for marker in _LICENSE_GONE):
+            removed = await self.cache.forget(call.product_id, call.license_key)
+            log.info("license_refused_kept_answers_dropped", product_id=call.product_id, removed=removed)
+        elif cache_key is not None:
+            await self.cache.forget_key(cache_key)
+
+    async def _fallback(self, call: Call, cache_key: bytes | None, failure: UpstreamFailure) -> Outcome:
+        """Upstream cannot answer: a kept answer young enough, else a license file, else a JSON error."""
+        too_old: float | None = None
+        if cache_key is not None:
+            kept = await self.cache.get(cache_key)
+            if kept is not None:
+                age = self._age(kept)
+                if age <= self.keep.max_age:
+                    self.stale_served += 1
+                    return self._serve_kept(kept, Action.KEPT_STALE, failure)
+                too_old = age
+        if call.keepable:
+            if call.kind is Kind.ACTIVATE:
+                found = self.files.for_activate(call.product_id, call.license_key, call.machine_code)
+            else:
+                found = self.files.for_getkey(call.product_id, call.license_key)
+            if found is not None:
+                return Outcome(
+                    Action.LICENSE_FILE,
+                    200,
+                    found.body,
+                    upstream_status=failure.upstream_status,
+                    result=0,
+                    failure=failure.reason,
+                    age=None
+                    if found.signed.sign_date is None
+                    else max(0.0, self.clock() - found.signed.sign_date),
+                )
+        message = self._failure_message(call, failure, too_old)
+        return Outcome(
+            Action.UPSTREAM_FAILED,
+            failure.status,
+            error_body(message),
+            upstream_status=failure.upstream_status,
+            result=1,
+            message=message,
+            failure=failure.reason,
+        )
+
+    def _failure_message(self, call: Call, failure: UpstreamFailure, too_old: float | None) -> str:
+        """Words for an admin: what went wrong upstream and why nothing kept could stand in."""
+        reason = failure.reason[0].upper() + failure.reason[1:]
+        if not call.keepable:
+            return f"{reason}."
+        what = "license and machine" if call.kind is Kind.ACTIVATE else "license"
+        if too_old is not None:
+            return (
+                f"{reason}, and the answer this license server keeps for this {what} is"
+                f" {_days(too_old)} old, older than the {_days(self.keep.max_age)} it may serve."
+            )
+        return f"{reason}, and this license server keeps no answer or license file for this {what}."
+
+    def _serve_kept(self, kept: Kept, action: Action, failure: UpstreamFailure | None = None) -> Outcome:
+        """Serve a kept answer's bytes exactly as upstream sent them."""
+        return Outcome(
+            action,
+            200,
+            kept.body,
+            upstream_status=None if failure is None else failure.upstream_status,
+            result=0,
+            failure=None if failure is None else failure.reason,
+            age=self._age(kept),
+        )
+
+    def _age(self, kept: Kept) -> float:
+        # A wall clock that went backwards makes an answer look new, not negative.
+        return max(0.0, self.clock() - kept.fetched_at)
+
+
+def _days(seconds: float) -> str:
+    """A duration in words an admin reads at a glance."""
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds:.0f} seconds"

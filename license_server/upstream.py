@@ -1,0 +1,265 @@
+"""The single egress to the licensing service: one pooled session, timeouts, circuit breaker, coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from license_server import __version__
+from license_server.config import BreakerConfig, UpstreamConfig
+from license_server.protocol import Answer, parse_answer
+
+log = structlog.get_logger(__name__)
+
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAnswer:
+    """What upstream sent back: status, body bytes, content type and the parsed outline if it is JSON."""
+
+    status: int
+    body: bytes
+    content_type: str
+    answer: Answer | None
+    latency: float
+
+
+class UpstreamFailure(Exception):
+    """Upstream could not give a usable answer; `status` is what the workstation gets if nothing is kept."""
+
+    def __init__(self, reason: str, *, status: int = 502, upstream_status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.upstream_status = upstream_status
+
+
+class BreakerState(Enum):
+    """Where the circuit breaker stands."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class Breaker:
+    """Stops calling an upstream that keeps failing, and lets one probe through now and then."""
+
+    def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self.state = BreakerState.CLOSED
+        self._failures = 0
+        self._delay = config.reset_after
+        self._open_until = 0.0
+        self.last_success: float | None = None  # wall-clock time, for status pages
+        self.last_failure: str | None = None
+
+    def allow(self) -> bool:
+        """Whether a call may go upstream now; an open breaker lets one probe through once its delay is up."""
+        if self.state is BreakerState.CLOSED:
+            return True
+        if self.state is BreakerState.OPEN and self._clock() >= self._open_until:
+            self.state = BreakerState.HALF_OPEN
+            return True
+        return False
+
+    def succeeded(self) -> None:
+        """Record a usable answer: close the breaker."""
+        if self.state is not BreakerState.CLOSED:
+            log.info("upstream_recovered")
+        self.state = BreakerState.CLOSED
+        self._failures = 0
+        self._delay = self._config.reset_after
+        self.last_success = time.time()
+
+    def failed(self, reason: str) -> None:
+        """Record a failure; enough of them in a row, or a failed probe, open the breaker."""
+        self.last_failure = reason
+        if self.state is BreakerState.HALF_OPEN:
+            self._delay = min(self._delay * 2, self._config.max_reset_after)
+            self._open(reason)
+            return
+        self._failures += 1
+        if self.state is BreakerState.CLOSED and self._failures >= self._config.failures:
+            self._open(reason)
+
+    def abandoned(self) -> None:
+        """A probe ended with no verdict (the workstation went away): let the next call probe."""
+        if self.state is BreakerState.HALF_OPEN:
+            self.state = BreakerState.OPEN
+            self._open_until = self._clock()
+
+    def _open(self, reason: str) -> None:
+        self.state = BreakerState.OPEN
+        self._open_until = self._clock() + self._delay
+        log.warning("upstream_down", reason=reason, retry_in_s=round(self._delay, 3))
+
+    @property
+    def retry_in(self) -> float:
+        """Seconds until the next probe is allowed (0 when closed)."""
+        if self.state is BreakerState.CLOSED:
+            return 0.0
+        return max(0.0, self._open_until - self._clock())
+
+
+def make_ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
+    """TLS for the upstream: system trust store plus an optional extra CA file, verification always on."""
+    context = ssl.create_default_context()
+    if config.ca_file is not None:
+        context.load_verify_locations(cafile=str(config.ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+    """The one long-lived client session every upstream call shares."""
+    connector = aiohttp.TCPConnector(
+        limit=config.max_connections,
+        ssl=make_ssl_context(config),
+        ttl_dns_cache=60,
+        enable_cleanup_closed=True,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=config.timeout, connect=config.connect_timeout),
+        trust_env=False,  # proxies come only from upstream.proxy, never from the environment
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": f"license-server/{__version__}", "Accept": "application/json"},
+        raise_for_status=False,
+        auto_decompress=True,
+    )
+
+
+class Upstream:
+    """Sends allowlisted calls to the one configured origin and classifies what comes back."""
+
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession, breaker: Breaker) -> None:
+        self.config = config
+        self.session = session
+        self.breaker = breaker
+        self._base = config.url.rstrip("/") + "/api/"
+        self._inflight: dict[bytes, asyncio.Future[UpstreamAnswer]] = {}
+        self.calls_sent = 0
+
+    def url_for(self, method: str, raw_query: str) -> URL:
+        """The upstream URL of an API method: built from configuration only, never from the request."""
+        # The query was checked to be a well-formed form, so it goes on exactly as the workstation wrote it.
+        return URL(f"{self._base}{method}" + (f"?{raw_query}" if raw_query else ""), encoded=True)
+
+    async def call(
+        self,
+        method: str,
+        http_method: str,
+        body: bytes,
+        raw_query: str,
+        content_type: str | None,
+        *,
+        coalesce_key: bytes | None = None,
+    ) -> UpstreamAnswer:
+        """Forward one call; identical calls under the same coalesce key share one upstream request."""
+        if coalesce_key is None:
+            return await self._guarded(method, http_method, body, raw_query, content_type)
+        if (shared := self._inflight.get(coalesce_key)) is not None:
+            return await asyncio.shield(shared)
+        task = asyncio.ensure_future(self._guarded(method, http_method, body, raw_query, content_type))
+        self._inflight[coalesce_key] = task
+        task.add_done_callback(lambda _: self._inflight.pop(coalesce_key, None))
+        # Shielded so that the first caller going away does not cancel the call the others wait for.
+        return await asyncio.shield(task)
+
+    async def _guarded(
+        self, method: str, http_method: str, body: bytes, raw_query: str, content_type: str | None
+    ) -> UpstreamAnswer:
+        if not self.breaker.allow():
+            raise UpstreamFailure(
+                f"the licensing service is marked down after repeated failures ({self.breaker.last_failure});"
+                f" next check in {self.breaker.retry_in:.0f} s",
+                status=503,
+            )
+        try:
+            answer = await self._send(method, http_method, body, raw_query, content_type)
+        except UpstreamFailure as failure:
+            self.breaker.failed(failure.reason)
+            raise
+        except BaseException:
+            self.breaker.abandoned()  # cancelled: no verdict, and the breaker must not stay half-open
+            raise
+        self.breaker.succeeded()
+        return answer
+
+    async def _send(
+        self, method: str, http_method: str, body: bytes, raw_query: str, content_type: str | None
+    ) -> UpstreamAnswer:
+        headers = {"Content-Type": content_type} if http_method == "POST" and content_type else {}
+        url = self.url_for(method, raw_query)
+        started = time.monotonic()
+        self.calls_sent += 1
+        try:
+            async with self.session.request(
+                http_method,
+                url,
+                data=body if http_method == "POST" else None,
+                headers=headers,
+                allow_redirects=False,
+                proxy=self.config.proxy,
+            ) as response:
+                data = await self._read_limited(response)
+                status = response.status
+                answer_type = response.headers.get("Content-Type", "application/json")
+        except TimeoutError as exc:
+            raise UpstreamFailure(
+                f"no answer from the licensing service within {self.config.timeout:g} s", status=504
+            ) from exc
+        except aiohttp.ClientSSLError as exc:
+            raise UpstreamFailure(f"TLS verification of the licensing service failed: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamFailure(f"the licensing service could not be reached: {_describe(exc)}") from exc
+        latency = time.monotonic() - started
+        if 300 <= status < 400:
+            raise UpstreamFailure(
+                f"the licensing service answered a redirect ({status}), which is not followed",
+                upstream_status=status,
+            )
+        if status >= 500:
+            raise UpstreamFailure(f"the licensing service failed with HTTP {status}", upstream_status=status)
+        parsed = parse_answer(data)
+        if parsed is None:
+            raise UpstreamFailure(
+                f"the licensing service sent an answer that is not a licensing answer (HTTP {status})",
+                upstream_status=status,
+            )
+        return UpstreamAnswer(
+            status=status, body=data, content_type=answer_type, answer=parsed, latency=latency
+        )
+
+    async def _read_limited(self, response: aiohttp.ClientResponse) -> bytes:
+        limit = self.config.max_answer_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await response.content.read(_READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamFailure(f"the licensing service sent an answer larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    """A short, token-free description of a client error for logs and messages."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection to {exc.host}:{exc.port} failed ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the connection was closed before an answer arrived"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut off"
+    return type(exc).__name__

@@ -1,0 +1,402 @@
+"""End to end: the real Cryptolens Python SDK through the daemon to a signing fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from licensing.methods import Helpers
+
+from license_server.app import SERVICES
+from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, TOKEN, Clock, Daemon, Upstream, Workstation
+
+MakeWorkstation = Callable[..., Workstation]
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+
+FAILURE_MODES = [
+    "http500",
+    "html502",
+    "empty504",
+    "garbage",
+    "bad_signature",
+    "truncated",
+    "reset",
+    "redirect",
+]
+
+
+def activate_form(
+    machine: str = "machine-a", key: str = LICENSE, token: str = TOKEN, **extra: str
+) -> dict[str, str]:
+    """The form the Python SDK sends for Key.activate."""
+    form = {
+        "token": token,
+        "ProductId": str(PRODUCT),
+        "key": key,
+        "MachineCode": machine,
+        "FieldsToReturn": "0",
+        "metadata": "False",
+        "FloatingTimeInterval": "0",
+        "MaxOverdraft": "0",
+        "FriendlyName": "None",
+        "ModelVersion": "3",
+        "Sign": "True",
+        "SignMethod": "1",
+    }
+    form.update(extra)
+    return form
+
+
+async def post(
+    daemon: Daemon, path: str, data: bytes | str | dict[str, str], **kwargs: object
+) -> tuple[int, dict[str, str], bytes]:
+    """POST to the daemon and return status, headers and body."""
+    body = urlencode(data) if isinstance(data, dict) else data
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            daemon.base + path,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            **kwargs,  # type: ignore[arg-type]
+        ) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+class TestForwarding:
+    """Calls pass through to the one upstream, byte for byte, whatever the SDK's path spelling."""
+
+    async def test_sdk_activation_verifies(self, workstation: MakeWorkstation, upstream: Upstream) -> None:
+        """The SDK activates through the daemon and accepts the signed answer."""
+        license_key, message = await workstation("alice-pc").activate()
+        assert license_key is not None, message
+        assert license_key.key == LICENSE
+        assert Helpers.IsOnRightMachine(license_key, custom_machine_code="alice-pc")
+        assert len(upstream.fake.calls_to("key/activate")) == 1
+
+    async def test_body_and_answer_unchanged(self, daemon: Daemon, upstream: Upstream) -> None:
+        """The form goes upstream as sent and the answer comes back as upstream sent it."""
+        form = urlencode(activate_form())
+        status, headers, body = await post(daemon, "/api/key/activate", form)
+        assert status == 200
+        assert headers["X-License-Server-Source"] == "forwarded"
+        sent = upstream.fake.calls_to("key/activate")[-1]
+        assert sent.body == form.encode()
+        answer = json.loads(body)
+        assert answer["result"] == 0
+        license_json = json.loads(base64.b64decode(answer["licenseKey"]))
+        assert license_json["ActivatedMachines"][0]["Mid"] == "machine-a"
+
+    @pytest.mark.parametrize(
+        "path", ["/api/key/activate", "/api//key/activate/", "/api/Key/Activate", "/API/KEY/ACTIVATE//"]
+    )
+    async def test_every_sdk_path_spelling(self, daemon: Daemon, upstream: Upstream, path: str) -> None:
+        """Double slashes, trailing slashes and any case route the same, without a redirect."""
+        status, _, body = await post(daemon, path, activate_form())
+        assert status == 200, body
+        assert json.loads(body)["result"] == 0
+        assert upstream.fake.calls[-1].path == "key/activate"
+
+    async def test_get_with_query(self, daemon: Daemon, upstream: Upstream) -> None:
+        """A GET with a query string, as Node users send it, is forwarded as such."""
+        query = urlencode(activate_form())
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{daemon.base}/api/key/activate?{query}") as r,
+        ):
+            assert r.status == 200
+            assert (await r.json(content_type=None))["result"] == 0
+        call = upstream.fake.calls[-1]
+        assert call.http_method == "GET"
+        assert call.query == query
+
+    async def test_get_key_and_deactivate(self, workstation: MakeWorkstation, upstream: Upstream) -> None:
+        """GetKey and Deactivate work through the daemon."""
+        ws = workstation("bob-pc")
+        assert (await ws.activate())[0] is not None
+        license_key, message = await ws.get_key()
+        assert license_key is not None, message
+        assert [m.Mid for m in license_key.activated_machines] == ["bob-pc"]
+        assert await ws.deactivate() == (True, "")
+        assert upstream.fake.licenses[(PRODUCT, LICENSE)].activations == {}
+
+    async def test_floating_activation(self, workstation: MakeWorkstation) -> None:
+        """A floating activation comes back with the machine's floating seat."""
+        license_key, message = await workstation("carol-pc").activate(floating=300)
+        assert license_key is not None, message
+        assert Helpers.IsOnRightMachine(license_key, is_floating_license=True, custom_machine_code="carol-pc")
+
+    async def test_metadata_verifies(self, workstation: MakeWorkstation) -> None:
+        """Metadata answers pass through with their own signature intact."""
+        result = await workstation("dave-pc").activate(metadata=True)
+        assert result[0] is not None
+        assert isinstance(result[2], dict)
+
+    async def test_refusal_passed_verbatim(self, workstation: MakeWorkstation) -> None:
+        """An upstream refusal reaches the SDK with its exact message."""
+        await workstation("m1").activate(OTHER_LICENSE)
+        license_key, message = await workstation("m2").activate(OTHER_LICENSE)
+        assert license_key is None
+        assert message == "Cannot activate the new device as the limit has been reached."
+
+    async def test_wrong_token_refused(self, workstation: MakeWorkstation) -> None:
+        """A bad access token gets upstream's own answer."""
+        assert await workstation("m1", token="nope").activate() == (None, "Unable to authenticate.")
+
+
+class TestRefusedInput:
+    """Bad input gets a clear JSON error, never reaches upstream, and the daemon stays up."""
+
+    @pytest.mark.parametrize("method", ["key/createkey", "key/blockkey", "product/getproducts", "user/login"])
+    async def test_method_not_allowlisted(self, daemon: Daemon, upstream: Upstream, method: str) -> None:
+        """Vendor-side and unknown API methods are refused and never forwarded."""
+        status, _, body = await post(daemon, f"/api/{method}", {"token": TOKEN})
+        assert status == 403
+        assert json.loads(body) == {
+            "result": 1,
+            "message": f"The API method '{method}' is not allowed through this license server.",
+        }
+        assert upstream.fake.calls == []
+
+    @pytest.mark.parametrize(
+        "path", ["/", "/api", "/api/key", "/api/key/activate/extra", "/api/key/../activate", "/other"]
+    )
+    async def test_not_an_api_path(self, daemon: Daemon, upstream: Upstream, path: str) -> None:
+        """Anything that is not /api/controller/method gets a 404 JSON answer."""
+        status, _, body = await post(daemon, path, {"token": TOKEN})
+        assert status == 404
+        assert json.loads(body)["result"] == 1
+        assert upstream.fake.calls == []
+
+    @pytest.mark.parametrize(
+        ("body", "content_type", "status"),
+        [
+            (b"token=a&token=b", "application/x-www-form-urlencoded", 400),
+            (b"token=a&TOKEN=b", "application/x-www-form-urlencoded", 400),
+            (b"\xff\xfe=1", "application/x-www-form-urlencoded", 400),
+            (b"not a form", "application/x-www-form-urlencoded", 400),
+            (b'{"token": "a"}', "application/json", 415),
+            (b"x=" + b"a" * 70_000, "application/x-www-form-urlencoded", 413),
+        ],
+    )
+    async def test_malformed_bodies(
+        self, daemon: Daemon, upstream: Upstream, body: bytes, content_type: str, status: int
+    ) -> None:
+        """Duplicate fields, bad encodings, other media types and oversized bodies are refused as JSON."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{daemon.base}/api/key/activate", data=body, headers={"Content-Type": content_type}
+            ) as response,
+        ):
+            assert response.status == status
+            answer = await response.json(content_type=None)
+        assert answer["result"] == 1
+        assert answer["message"]
+        assert upstream.fake.calls == []
+        # still serving
+        assert (await post(daemon, "/api/key/activate", activate_form()))[0] == 200
+
+    async def test_other_http_methods(self, daemon: Daemon) -> None:
+        """PUT and DELETE get a 405 JSON answer."""
+        async with aiohttp.ClientSession() as session, session.put(f"{daemon.base}/api/key/activate") as r:
+            assert r.status == 405
+            assert (await r.json(content_type=None))["result"] == 1
+
+    async def test_healthz(self, daemon: Daemon) -> None:
+        """GET /healthz answers 200 with the upstream state."""
+        async with aiohttp.ClientSession() as session, session.get(f"{daemon.base}/healthz") as r:
+            assert r.status == 200
+            assert (await r.json())["status"] == "ok"
+
+
+class TestOutages:
+    """A workstation that activated once keeps getting answers its SDK accepts while upstream fails."""
+
+    @pytest.mark.parametrize("mode", FAILURE_MODES)
+    async def test_kept_answer_served(
+        self, workstation: MakeWorkstation, upstream: Upstream, mode: str
+    ) -> None:
+        """Each failure mode is covered by the kept answer, which the SDK verifies."""
+        ws = workstation("alice-pc")
+        first, _ = await ws.activate()
+        upstream.fake.mode = mode
+        again, message = await ws.activate()
+        assert again is not None, message
+        assert again.raw_response.license_key == first.raw_response.license_key
+
+    @pytest.mark.parametrize("mode", FAILURE_MODES)
+    async def test_no_kept_answer_gives_json_error(
+        self, workstation: MakeWorkstation, upstream: Upstream, mode: str
+    ) -> None:
+        """With nothing kept, the SDK gets a JSON error that says what happened, never a bad signature."""
+        upstream.fake.mode = mode
+        license_key, message = await workstation("new-pc").activate()
+        assert license_key is None
+        assert "keeps no answer" in message
+
+    async def test_connection_refused(self, workstation: MakeWorkstation, upstream: Upstream) -> None:
+        """An upstream that refuses connections is covered by the kept answer."""
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        await upstream.stop()
+        license_key, message = await ws.activate()
+        assert license_key is not None, message
+        license_key, message = await workstation("stranger").activate()
+        assert license_key is None
+        assert "could not be reached" in message
+
+    async def test_hung_upstream_bounded_then_breaker(
+        self, daemon: Daemon, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A hung upstream costs the configured timeout, then the breaker answers without asking it."""
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        upstream.fake.mode = "hang"
+        for _ in range(3):  # breaker.failures defaults to 3
+            assert (await ws.activate())[0] is not None
+        hung_calls = len(upstream.fake.calls)
+        for _ in range(5):
+            assert (await ws.activate())[0] is not None
+        assert len(upstream.fake.calls) == hung_calls, "the open breaker must not call upstream"
+        assert daemon.app[SERVICES].upstream is not None
+        assert daemon.app[SERVICES].upstream.breaker.state.value == "open"
+
+    async def test_breaker_probes_and_closes(
+        self, daemon: Daemon, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """After the reset delay one probe goes upstream; its success closes the breaker."""
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        upstream.fake.mode = "http500"
+        for _ in range(4):
+            await ws.activate()
+        upstream.fake.mode = "ok"
+        await asyncio.sleep(0.25)  # breaker.reset_after is 0.2 s in tests
+        await ws.activate()
+        services = daemon.app[SERVICES]
+        assert services.upstream is not None
+        assert services.upstream.breaker.state.value == "closed"
+        assert upstream.fake.calls[-1].http_method == "POST"
+
+    async def test_stale_bound(self, workstation: MakeWorkstation, upstream: Upstream, clock: Clock) -> None:
+        """Just inside the maximum age the kept answer is served; just outside, a clean error."""
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        upstream.fake.mode = "http500"
+        clock.advance(7 * 86400 - 5)
+        assert (await ws.activate())[0] is not None
+        clock.advance(10)
+        license_key, message = await ws.activate()
+        assert license_key is None
+        assert "older than" in message
+
+    async def test_only_same_machine_token_and_license(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A kept answer is never served to another machine, token or license."""
+        assert (await workstation("alice-pc").activate())[0] is not None
+        upstream.fake.tokens.add("other-token")
+        upstream.fake.mode = "http500"
+        assert (await workstation("bob-pc").activate())[0] is None
+        assert (await workstation("alice-pc", token="other-token").activate())[0] is None
+        assert (await workstation("alice-pc").activate(OTHER_LICENSE))[0] is None
+        assert (await workstation("alice-pc").activate())[0] is not None
+
+    async def test_get_key_kept(self, workstation: MakeWorkstation, upstream: Upstream) -> None:
+        """GetKey answers are kept and served during an outage too."""
+        ws = workstation("alice-pc")
+        assert (await ws.get_key())[0] is not None
+        upstream.fake.mode = "garbage"
+        license_key, message = await ws.get_key()
+        assert license_key is not None, message
+
+    async def test_get_key_coalesced(self, daemon: Daemon, upstream: Upstream) -> None:
+        """Identical concurrent GetKey calls share one upstream call."""
+        upstream.fake.delay = 0.3
+        form = activate_form()
+        form.pop("MachineCode")
+        results = await asyncio.gather(*(post(daemon, "/api/key/getkey", form) for _ in range(20)))
+        assert {status for status, _, _ in results} == {200}
+        assert len({body for _, _, body in results}) == 1
+        assert len(upstream.fake.calls_to("key/getkey")) == 1
+
+
+class TestRefusalsAreNotFailures:
+    """Upstream refusals pass through and stop kept answers from standing in."""
+
+    async def test_blocked_license_not_revived(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """Once upstream says a license is blocked, an outage does not bring it back."""
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        upstream.fake.licenses[(PRODUCT, LICENSE)].block = True
+        assert await ws.activate() == (None, "The key is blocked and cannot be accessed.")
+        upstream.fake.mode = "http500"
+        assert (await ws.activate())[0] is None
+        assert (await ws.get_key())[0] is None
+
+    async def test_deleted_license_not_revived(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A license upstream no longer knows is not served from kept answers."""
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        del upstream.fake.licenses[(PRODUCT, LICENSE)]
+        assert await ws.activate() == (None, "Could not find the key.")
+        upstream.fake.mode = "reset"
+        assert (await ws.activate())[0] is None
+
+    async def test_deactivated_seat_not_revived(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A deactivation that passed through drops that machine's kept answers."""
+        alice, bob = workstation("alice-pc"), workstation("bob-pc")
+        assert (await alice.activate())[0] is not None
+        assert (await bob.activate())[0] is not None
+        assert await alice.deactivate() == (True, "")
+        upstream.fake.mode = "http500"
+        assert (await alice.activate())[0] is None
+        assert (await bob.activate())[0] is not None
+
+
+class TestRestart:
+    """Kept answers survive a restart of the daemon."""
+
+    async def test_restart_during_outage(
+        self, daemon: Daemon, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """Activate, restart the daemon while upstream is down: the SDK still gets its license."""
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        assert (await ws.get_key())[0] is not None
+        await upstream.stop()
+        await daemon.restart()
+        license_key, message = await ws.activate()
+        assert license_key is not None, message
+        assert (await ws.get_key())[0] is not None
+
+    async def test_offline_mode_never_calls_upstream(
+        self, daemon: Daemon, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """Offline mode answers from kept answers and never contacts upstream."""
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        await daemon.stop()
+        calls = len(upstream.fake.calls)
+        await daemon.start(upstream=dataclasses.replace(daemon.config.upstream, offline=True))
+        assert (await ws.activate())[0] is not None
+        license_key, message = await workstation("new-pc").activate()
+        assert license_key is None
+        assert "offline mode" in message.lower()
+        assert len(upstream.fake.calls) == calls
