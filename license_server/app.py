@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import time
@@ -78,11 +79,11 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open the state, the upstream session and the policy; close them in reverse order."""
     config = app[CONFIG]
     keyring = load_keyring(config)
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    secret = load_secret(config.state_dir)
+    await asyncio.to_thread(config.state_dir.mkdir, parents=True, exist_ok=True)
+    secret = await asyncio.to_thread(load_secret, config.state_dir)
     store = Store(config.state_dir / _STORE_FILE)
     kept = await store.open()
-    files, problems = LicenseFiles.load(config.license_files, keyring)
+    files, problems = await asyncio.to_thread(LicenseFiles.load, config.license_files, keyring)
     for problem in problems:
         log.warning("license_file_skipped", path=str(problem.path), reason=problem.reason)
     if not keyring:

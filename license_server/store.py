@@ -225,7 +225,7 @@ class Store:
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)  # the close above was its last job; nothing is left to wait for
 
     def _require_db(self) -> sqlite3.Connection:
         if self._db is None:

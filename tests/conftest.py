@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from blockbuster import BlockBuster, blockbuster_ctx
 from cryptography.hazmat.primitives.asymmetric import rsa
 from licensing.internal import HelperMethods
 from licensing.methods import Key
@@ -26,6 +27,13 @@ LICENSE = "MUYVD-LSEBY-CXHRQ-XFAGY"
 OTHER_LICENSE = "KQXJA-WBTFA-PMOZE-RNFRS"
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any test in which the daemon blocks the event loop (file, socket or SQLite I/O, sleeps)."""
+    with blockbuster_ctx("license_server") as detector:
+        yield detector
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +174,9 @@ def daemon_factory(
     """Start a daemon in front of the fake upstream with extra `--set` style overrides."""
 
     async def start(*extra: str) -> Daemon:
-        config = make_config(tmp_path, upstream.url, upstream.fake.public_key_xml, *extra)
+        config = await asyncio.to_thread(
+            make_config, tmp_path, upstream.url, upstream.fake.public_key_xml, *extra
+        )
         return await Daemon(config, aiohttp_server, clock).start()
 
     return start

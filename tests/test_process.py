@@ -216,3 +216,35 @@ class TestDefaults:
             check=False,
         )
         assert result.returncode == 0, result.stderr
+
+    async def test_sighup_rereads_license_files(self, tmp_path: Path, upstream: Upstream) -> None:
+        """A license file dropped into the folder is served after SIGHUP, without a restart."""
+        data = Path(__file__).parent / "data"
+        folder = tmp_path / "licenses"
+        folder.mkdir()
+        proc = DaemonProcess(
+            tmp_path,
+            {
+                "upstream": {"url": upstream.url, "timeout": "1s"},
+                "public_keys": [str(data / "cryptolens-example-2019.pubkey.xml")],
+                "state_dir": str(tmp_path / "state"),
+                "license_files": str(folder),
+            },
+        )
+        await proc.start()
+        try:
+            await upstream.stop()
+            vector_key = (data / "cryptolens-example-2019.pubkey.xml").read_text()
+            lab = Workstation(lambda: f"{proc.base}/api/", vector_key, "test")
+            assert (await lab.activate("ETXYI-GFILQ-UXAXK-GGKSU", product=3941))[0] is None
+            (folder / "lab.skm").write_bytes((data / "cryptolens-example-2019.skm").read_bytes())
+            proc.kill(signal.SIGHUP)
+            for _ in range(50):
+                if "license_files_reloaded" in proc.log_text():
+                    break
+                await asyncio.sleep(0.05)
+            license_key, message = await lab.activate("ETXYI-GFILQ-UXAXK-GGKSU", product=3941)
+            assert license_key is not None, message
+        finally:
+            proc.kill(signal.SIGTERM)
+            assert await proc.wait() == 0

@@ -54,20 +54,14 @@ def activate_form(
 
 
 async def post(
-    daemon: Daemon, path: str, data: bytes | str | dict[str, str], **kwargs: object
+    daemon: Daemon, path: str, data: bytes | str | dict[str, str], headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    """POST to the daemon and return status, headers and body."""
+    """POST to the daemon (an SDK-shaped form by default) and return status, headers and body."""
     body = urlencode(data) if isinstance(data, dict) else data
-    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    headers = headers or {"Content-Type": "application/x-www-form-urlencoded"}
     async with (
         aiohttp.ClientSession() as session,
-        session.post(
-            daemon.base + path,
-            data=body,
-            headers=headers,
-            allow_redirects=False,
-            **kwargs,  # type: ignore[arg-type]
-        ) as response,
+        session.post(daemon.base + path, data=body, headers=headers, allow_redirects=False) as response,
     ):
         return response.status, dict(response.headers), await response.read()
 
@@ -400,3 +394,105 @@ class TestRestart:
         assert license_key is None
         assert "offline mode" in message.lower()
         assert len(upstream.fake.calls) == calls
+
+
+class TestKeptAnswers:
+    """What is kept, and what never replaces it."""
+
+    async def test_bad_signature_never_replaces_kept(
+        self, daemon: Daemon, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A forged answer is neither passed on nor kept: the original answer stays, even after a restart."""
+        ws = workstation("alice-pc")
+        first, _ = await ws.activate()
+        upstream.fake.mode = "bad_signature"
+        for _ in range(2):
+            served, message = await ws.activate()
+            assert served is not None, message
+            assert served.raw_response.signature == first.raw_response.signature
+        await daemon.restart()
+        upstream.fake.mode = "http500"
+        served, _ = await ws.activate()
+        assert served.raw_response.signature == first.raw_response.signature
+
+    async def test_blocked_flag_in_signed_answer(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A signed GetKey answer saying Block=true drops the license's kept answers."""
+        upstream.fake.getkey_refuses_blocked = False
+        ws = workstation("alice-pc")
+        assert (await ws.activate())[0] is not None
+        upstream.fake.block(PRODUCT, LICENSE)
+        blocked, _ = await ws.get_key()
+        assert blocked is not None
+        assert blocked.block is True
+        upstream.fake.mode = "http500"
+        assert (await ws.activate())[0] is None
+        assert (await ws.get_key())[0] is None
+
+    async def test_fresh_for_serves_without_upstream(
+        self, daemon_factory: DaemonFactory, upstream: Upstream
+    ) -> None:
+        """With keep.fresh_for a young kept answer is served without upstream; floating calls still go."""
+        daemon = await daemon_factory("keep.fresh_for=60s")
+        form = activate_form()
+        first = await post(daemon, "/api/key/activate", form)
+        second = await post(daemon, "/api/key/activate", form)
+        assert second[1]["X-License-Server-Source"] == "kept_fresh"
+        assert second[2] == first[2]
+        assert len(upstream.fake.calls) == 1
+        floating = activate_form(FloatingTimeInterval="300")
+        await post(daemon, "/api/key/activate", floating)
+        again = await post(daemon, "/api/key/activate", floating)
+        assert again[1]["X-License-Server-Source"] == "forwarded"
+        assert len(upstream.fake.calls) == 3
+
+    async def test_no_vendor_key_keeps_nothing(
+        self, daemon_factory: DaemonFactory, upstream: Upstream
+    ) -> None:
+        """Without a vendor key answers are forwarded but nothing is kept for outages."""
+        daemon = await daemon_factory("public_key=null")
+        assert (await post(daemon, "/api/key/activate", activate_form()))[0] == 200
+        await daemon.flush()
+        assert await daemon.app[SERVICES].store.count() == 0
+        upstream.fake.mode = "http500"
+        status, _, body = await post(daemon, "/api/key/activate", activate_form())
+        assert status == 502
+        assert "keeps no answer" in json.loads(body)["message"]
+
+    async def test_headers_not_passed_through(self, daemon: Daemon, upstream: Upstream) -> None:
+        """No workstation header reaches upstream; the workstation gets only the daemon's own headers."""
+        status, headers, _ = await post(
+            daemon,
+            "/api/key/activate",
+            activate_form(),
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Authorization": "Bearer x",
+                "Cookie": "a=b",
+                "X-Forwarded-For": "10.9.9.9",
+                "X-Custom": "1",
+                "Connection": "keep-alive, X-Custom",
+            },
+        )
+        assert status == 200
+        sent = {name.lower() for name in upstream.fake.calls[-1].headers}
+        assert sent.isdisjoint({"authorization", "cookie", "x-forwarded-for", "x-custom"})
+        assert {name.lower() for name in headers} <= {
+            "content-type",
+            "content-length",
+            "date",
+            "server",
+            "x-license-server-source",
+            "x-license-server-age",
+        }
+
+    async def test_corrupt_store_set_aside(self, daemon: Daemon, workstation: MakeWorkstation) -> None:
+        """A corrupt state database is moved aside and a fresh one started; the daemon serves on."""
+        await daemon.stop()
+        store = daemon.config.state_dir / "answers.sqlite3"
+        await asyncio.to_thread(store.write_bytes, b"this is not a database" * 100)
+        await daemon.start()
+        assert (await workstation("alice-pc").activate())[0] is not None
+        aside = [p.name for p in daemon.config.state_dir.iterdir() if ".corrupt-" in p.name]
+        assert aside, "the corrupt file must be kept for inspection"

@@ -1,0 +1,201 @@
+"""The one egress: TLS verified against the system store or a configured CA, an explicit proxy, no other."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import Clock, Daemon, Upstream, make_config
+from tests.test_proxy import activate_form
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1: the server context and the CA file."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("test CA"))
+        .issuer_name(_name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context, ca_file
+
+
+async def post_form(base: str, form: dict[str, str]) -> tuple[int, dict[str, object]]:
+    """POST an SDK-shaped form to a daemon with a client that ignores proxy variables."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{base}/api/key/activate",
+            data=urlencode(form),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ) as response,
+    ):
+        return response.status, await response.json(content_type=None)
+
+
+class TestTls:
+    """Upstream TLS is always verified; a configured CA file is trusted in addition to the system store."""
+
+    @pytest.fixture
+    async def tls_upstream(
+        self, upstream: Upstream, aiohttp_server: ServerFactory, tmp_path: Path
+    ) -> tuple[str, Path]:
+        """The fake upstream served over HTTPS with a certificate from a private CA."""
+        context, ca_file = await asyncio.to_thread(make_tls, tmp_path)
+        server = await aiohttp_server(upstream.fake.make_app(), host="127.0.0.1", ssl=context)
+        return f"https://127.0.0.1:{server.port}", ca_file
+
+    async def test_private_ca_trusted_when_configured(
+        self,
+        tls_upstream: tuple[str, Path],
+        upstream: Upstream,
+        aiohttp_server: ServerFactory,
+        tmp_path: Path,
+        clock: Clock,
+    ) -> None:
+        """With upstream.ca_file the daemon verifies the private certificate and forwards."""
+        url, ca_file = tls_upstream
+        config = await asyncio.to_thread(
+            make_config, tmp_path, url, upstream.fake.public_key_xml, f"upstream.ca_file={ca_file}"
+        )
+        daemon = await Daemon(config, aiohttp_server, clock).start()
+        status, answer = await post_form(daemon.base, activate_form())
+        assert (status, answer["result"]) == (200, 0)
+
+    async def test_unknown_ca_refused(
+        self,
+        tls_upstream: tuple[str, Path],
+        upstream: Upstream,
+        aiohttp_server: ServerFactory,
+        tmp_path: Path,
+        clock: Clock,
+    ) -> None:
+        """Without the CA file the certificate is not trusted and nothing is forwarded."""
+        url, _ = tls_upstream
+        config = await asyncio.to_thread(make_config, tmp_path, url, upstream.fake.public_key_xml)
+        daemon = await Daemon(config, aiohttp_server, clock).start()
+        status, answer = await post_form(daemon.base, activate_form())
+        assert status == 502
+        assert "TLS verification" in str(answer["message"])
+        assert upstream.fake.calls == []
+
+
+class TestProxy:
+    """Egress goes through upstream.proxy when set, and never through the environment's proxy variables."""
+
+    async def test_environment_proxy_ignored(
+        self, daemon: Daemon, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """HTTP(S)_PROXY pointing at a dead port changes nothing: the daemon connects directly."""
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(name, "http://127.0.0.1:9")
+        status, answer = await post_form(daemon.base, activate_form())
+        assert (status, answer["result"]) == (200, 0)
+        assert len(upstream.fake.calls) == 1
+
+    async def test_configured_proxy_used(
+        self, upstream: Upstream, aiohttp_server: ServerFactory, tmp_path: Path, clock: Clock
+    ) -> None:
+        """With upstream.proxy set, every upstream call goes through that proxy."""
+        seen: list[str] = []
+
+        async def relay(request: web.Request) -> web.Response:
+            """A minimal forward proxy for plain-http absolute-form requests."""
+            seen.append(str(request.url))
+            async with (
+                aiohttp.ClientSession() as session,
+                session.request(
+                    request.method,
+                    request.url,
+                    data=await request.read(),
+                    headers={"Content-Type": request.content_type},
+                ) as answer,
+            ):
+                return web.Response(
+                    status=answer.status, body=await answer.read(), content_type="application/json"
+                )
+
+        proxy_app = web.Application()
+        proxy_app.router.add_route("*", "/{tail:.*}", relay)
+        proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+        config = await asyncio.to_thread(
+            make_config,
+            tmp_path,
+            upstream.url,
+            upstream.fake.public_key_xml,
+            f"upstream.proxy=http://127.0.0.1:{proxy.port}",
+        )
+        daemon = await Daemon(config, aiohttp_server, clock).start()
+        status, answer = await post_form(daemon.base, activate_form())
+        assert (status, answer["result"]) == (200, 0)
+        assert seen == [f"{upstream.url}/api/key/activate"]
