@@ -1,21 +1,28 @@
-"""Command line: `license-server serve` and `license-server check-config`."""
+"""Command line: `license-server serve`, `check-config`, `audit verify` and `audit search`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from license_server import __version__, logs
 from license_server.app import load_keyring
+from license_server.audit import search as audit_search
+from license_server.audit import verify as audit_verify
 from license_server.config import Config, ConfigError, describe, load_config
 from license_server.license_files import LicenseFiles
 from license_server.server import serve
 from license_server.signatures import KeyFormatError
+from license_server.state import StateInUseError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,22 +36,75 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", "run the daemon"),
         ("check-config", "validate a configuration file and the keys and files it names"),
     ):
-        cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument(
-            "--config",
-            type=Path,
-            default=None,
-            help="YAML configuration file (default: $LICENSE_SERVER_CONFIG, else built-in defaults)",
-        )
-        cmd.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override one setting, e.g. --set listen.port=9000 (repeatable; beats file and environment)",
-        )
+        _add_config_options(sub.add_parser(name, help=text, description=text))
+    audit = sub.add_parser("audit", help="check or search the audit trail", description="The audit trail.")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    _add_verify_parser(audit_sub)
+    _add_search_parser(audit_sub)
     return parser
+
+
+def _add_config_options(cmd: argparse.ArgumentParser) -> None:
+    """The --config and --set options every sub-command takes."""
+    cmd.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML configuration file (default: $LICENSE_SERVER_CONFIG, else built-in defaults)",
+    )
+    cmd.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set listen.port=9000 (repeatable; beats file and environment)",
+    )
+
+
+def _add_verify_parser(audit_sub: Any) -> None:
+    """`audit verify`: check the whole trail, optionally against checkpoints from the operational log."""
+    text = "check that the audit trail is intact: exit 0 intact, 1 tampered with, 2 usage or read errors"
+    cmd: argparse.ArgumentParser = audit_sub.add_parser("verify", help=text, description=text)
+    _add_config_options(cmd)
+    cmd.add_argument(
+        "--checkpoints",
+        metavar="FILE|-",
+        help="the daemon's operational log (JSON lines; '-' reads stdin, e.g. from journalctl -o cat): "
+        "every audit_checkpoint in it must match the trail",
+    )
+    cmd.add_argument(
+        "--checkpoint",
+        dest="checkpoint_values",
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="one checkpoint given by hand (repeatable)",
+    )
+
+
+def _add_search_parser(audit_sub: Any) -> None:
+    """`audit search`: find call and admin records by key, machine, name, address and time."""
+    text = "find audit records, e.g. which machines used a license last week: --key KEY --since 7d"
+    cmd: argparse.ArgumentParser = audit_sub.add_parser("search", help=text, description=text)
+    _add_config_options(cmd)
+    cmd.add_argument("--key", help="license key (any case, whole key)")
+    cmd.add_argument("--machine", help="machine code (exact)")
+    cmd.add_argument("--name", help="part of the friendly name (any case)")
+    cmd.add_argument("--product", help="product id (exact)")
+    cmd.add_argument("--client", metavar="IP", help="workstation address (exact)")
+    cmd.add_argument("--action", choices=audit_search.ACTIONS, help="what the daemon did")
+    for option, edge in (("--since", "from"), ("--until", "up to, not including")):
+        cmd.add_argument(
+            option,
+            metavar="T",
+            help=f"{edge} this UTC time: 2026-11-01, 2026-11-01T08:00, 2026-11-01T08:00:00Z, "
+            "or a time ago: 7d, 12h, 30m",
+        )
+    cmd.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output (default: table)"
+    )
+    cmd.add_argument("--limit", type=int, metavar="N", help="print at most N records")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -73,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"license-server: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "audit":
+        return _verify(args, config) if args.audit_command == "verify" else _search(args, config)
     if args.command == "check-config":
         problems = _check(config)
         for problem in problems:
@@ -86,13 +148,122 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyFormatError as exc:
         print(f"license-server: configuration error: public_key: {exc}", file=sys.stderr)
         return 2
-    logs.configure(config.log.level, config.log.format)
+    logging = logs.configure(config.log.level, config.log.format)
     try:
         asyncio.run(serve(config))
-    except OSError as exc:
+    except (OSError, StateInUseError) as exc:
         print(f"license-server: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logging.close()
     return 0
+
+
+def _audit_folder(config: Config) -> Path | None:
+    """The audit folder, or None (after saying why) when that path is something other than a folder."""
+    folder = config.audit_dir
+    if folder.exists() and not folder.is_dir():
+        print(f"license-server: the audit path {folder} is not a folder", file=sys.stderr)
+        return None
+    return folder
+
+
+def _verify(args: argparse.Namespace, config: Config) -> int:
+    """`audit verify`: 0 intact, 1 tampered with, 2 when it cannot be checked."""
+    folder = _audit_folder(config)
+    if folder is None:
+        return 2
+    try:
+        checkpoints = _checkpoints(args)
+        report = audit_verify.verify(folder, checkpoints=checkpoints)
+    except ValueError as exc:
+        print(f"license-server: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"license-server: cannot read: {exc}", file=sys.stderr)
+        return 2
+    for line in audit_verify.summary(folder, report):
+        print(line)
+    return 0 if report.ok else 1
+
+
+def _checkpoints(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """The checkpoints given by hand and those in the named log (or stdin); ValueError for a bad one."""
+    found = [_checkpoint(text) for text in args.checkpoint_values]
+    if args.checkpoints is None:
+        return found
+    if args.checkpoints == "-":
+        from_log = audit_verify.read_checkpoints(sys.stdin)
+    else:
+        with Path(args.checkpoints).open(encoding="utf-8", errors="replace") as log:
+            from_log = audit_verify.read_checkpoints(log)
+    if not from_log:
+        where = "standard input" if args.checkpoints == "-" else args.checkpoints
+        print(f"license-server: no audit_checkpoint lines in {where}", file=sys.stderr)
+    return found + from_log
+
+
+def _checkpoint(text: str) -> tuple[int, str]:
+    """One SEQ:HASH checkpoint from the command line."""
+    seq, _, digest = text.partition(":")
+    if not seq.strip().isdigit() or re.fullmatch(r"[0-9a-fA-F]{64}", digest.strip()) is None:
+        raise ValueError(f"--checkpoint {text!r}: expected SEQ:HASH, e.g. 42:<64 hex digits>")
+    return int(seq), digest.strip().lower()
+
+
+def _search(args: argparse.Namespace, config: Config) -> int:
+    """`audit search`: print the matching records; 0 even when none match, 2 for a bad option."""
+    folder = _audit_folder(config)
+    if folder is None:
+        return 2
+    try:
+        query = _query(args, datetime.now(UTC))
+    except ValueError as exc:
+        print(f"license-server: {exc}", file=sys.stderr)
+        return 2
+    stats = audit_search.SearchStats()
+    records: Iterable[dict[str, Any]] = audit_search.search(folder, query, stats=stats)
+    if args.limit is not None:
+        records = itertools.islice(records, args.limit)
+    write = {
+        "table": audit_search.write_table,
+        "json": audit_search.write_json,
+        "csv": audit_search.write_csv,
+    }
+    try:
+        write[args.format](records, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (head, less) has gone: nothing more to say, and nothing to say it to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        print(f"license-server: cannot read the audit trail: {exc}", file=sys.stderr)
+        return 2
+    if stats.bad_lines:
+        print(
+            f"license-server: {stats.bad_lines} lines could not be read; run `license-server audit verify`",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _query(args: argparse.Namespace, now: datetime) -> audit_search.Query:
+    """The search the options describe; ValueError for a time or limit that cannot be used."""
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit: must not be negative, got {args.limit}")
+    since = audit_search.parse_time(args.since, now) if args.since else None
+    until = audit_search.parse_time(args.until, now) if args.until else None
+    return audit_search.Query(
+        key=args.key,
+        machine=args.machine,
+        name=args.name,
+        since=since,
+        until=until,
+        product=args.product,
+        action=args.action,
+        client=args.client,
+    )
 
 
 if __name__ == "__main__":

@@ -460,6 +460,39 @@ class LogConfig:
     format: str = field(default="auto", metadata=_rule(_choice(LOG_FORMATS), text=True))
 
 
+def _fsync(value: object, origin: _Origin) -> float | None:
+    """`always` (0: before each answer), `never` (None: left to the OS), or an interval as a duration."""
+    if isinstance(value, str) and value.strip().lower() in ("always", "never"):
+        return 0.0 if value.strip().lower() == "always" else None
+    try:
+        seconds = parse_duration(value)
+    except _BadValueError:
+        raise _BadValueError(f"expected always, never or a duration like 1s, got {_shown(value)}") from None
+    if seconds <= 0:
+        raise _BadValueError(f"an interval must be more than 0 (or say always), got {_shown(value)}")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """Where the audit trail is written, how durably, when it rotates and how long it is kept."""
+
+    # folder of the trail; null: <state_dir>/audit
+    path: Path | None = field(default=None, metadata=_rule(_path, text=True))
+    # fsync: always (before each answer), never (the OS decides), or at most this long after a write
+    fsync: float | None = field(default=1.0, metadata=_rule(_fsync))
+    rotate_bytes: int = field(default=64 * 1024 * 1024, metadata=_rule(_size(1024)))
+    rotate_daily: bool = field(default=True, metadata=_rule(_flag))
+    # files whose records are all older than this are removed; 0 keeps everything
+    retention: float = field(default=400 * 86400.0, metadata=_rule(_duration(zero_allowed=True)))
+    # when records cannot be written: continue (answer, alarm, retry) or refuse (answer 503)
+    on_failure: str = field(default="continue", metadata=_rule(_choice(("continue", "refuse")), text=True))
+    # records held in memory while the trail cannot be written (on_failure: continue)
+    backlog: int = field(default=100_000, metadata=_rule(_whole(0)))
+    # how often the head of the chain is also written to the operational log
+    checkpoint_interval: float = field(default=300.0, metadata=_rule(_duration(zero_allowed=False)))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the daemon is told, checked and resolved; build it with `load_config`."""
@@ -472,9 +505,15 @@ class Config:
     license_files: Path | None = field(default=None, metadata=_rule(_path, text=True))
     keep: KeepConfig = KeepConfig()
     log: LogConfig = LogConfig()
+    audit: AuditConfig = AuditConfig()
     shutdown_timeout: float = field(default=10.0, metadata=_rule(_duration(zero_allowed=False)))
     # where the settings came from, e.g. "/etc/license-server/config.yaml + environment"
     source: str = "built-in defaults"
+
+    @property
+    def audit_dir(self) -> Path:
+        """The folder of the audit trail: audit.path, else <state_dir>/audit."""
+        return self.audit.path if self.audit.path is not None else self.state_dir / "audit"
 
 
 # --- loading --------------------------------------------------------------------------------------

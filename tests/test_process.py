@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,11 +13,14 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
 import yaml
 
+from license_server.audit import chain
+from license_server.audit.verify import read_checkpoints, verify
 from tests.conftest import LICENSE, PRODUCT, TOKEN, Upstream, Workstation
 
 pytestmark = pytest.mark.slow
@@ -172,6 +176,29 @@ class TestProcess:
             if path.is_file() and path.name != "config.yaml":
                 assert canary.encode() not in path.read_bytes(), path
 
+    async def test_second_daemon_on_same_state_refused(self, process: DaemonProcess) -> None:
+        """A second daemon pointed at a state directory in use exits 1 with a clear message."""
+        assert process.config_path is not None
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "license_server",
+                "serve",
+                "--config",
+                str(process.config_path),
+                "--set",
+                f"listen.port={free_port()}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert "already using" in second.stderr
+
 
 class TestDefaults:
     """Start-up with nothing configured, and configuration checks."""
@@ -248,3 +275,62 @@ class TestDefaults:
         finally:
             proc.kill(signal.SIGTERM)
             assert await proc.wait() == 0
+
+
+class TestKillUnderLoad:
+    """kill -9 at random moments under load loses no answered call from the audit trail."""
+
+    async def test_no_answered_call_lost(self, process: DaemonProcess, upstream: Upstream) -> None:
+        """Every call that got an answer is in the trail after repeated kill -9, and the chain verifies."""
+        rng = random.Random(7)
+        answered: set[str] = set()
+        form = urlencode(
+            {"token": TOKEN, "ProductId": str(PRODUCT), "Key": LICENSE, "Sign": "True", "SignMethod": "1"}
+        )
+
+        async def client(session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                try:
+                    async with session.post(
+                        f"{process.base}/api/key/getkey",
+                        data=form,
+                        headers={"Content-Type": "application/x-www-form-urlencoded"},
+                    ) as response:
+                        await response.read()
+                        answered.add(response.headers["X-Request-Id"])
+                except (TimeoutError, aiohttp.ClientError):
+                    await asyncio.sleep(0.01)
+
+        for _ in range(6):
+            stop = asyncio.Event()
+            async with aiohttp.ClientSession() as session:
+                clients = [asyncio.ensure_future(client(session, stop)) for _ in range(8)]
+                await asyncio.sleep(rng.uniform(0.2, 0.6))
+                process.kill(signal.SIGKILL)
+                await process.wait()
+                stop.set()
+                await asyncio.gather(*clients)
+            await process.start()
+        process.kill(signal.SIGTERM)
+        assert await process.wait() == 0
+        folder = process.tmp_path / "state" / "audit"
+        recorded = await asyncio.to_thread(_recorded_ids, folder)
+        assert len(answered) > 50
+        assert answered <= recorded
+        checkpoints = read_checkpoints(process.log_text().splitlines())
+        assert (
+            len(checkpoints) >= 6
+        )  # one at each of the 7 starts and at the clean stop, less any lost to a kill
+        report = await asyncio.to_thread(verify, folder, checkpoints=checkpoints)
+        assert report.ok, report.problem
+
+
+def _recorded_ids(folder: Path) -> set[str]:
+    """The request ids of every call record in the trail."""
+    ids = set()
+    for audit_file in chain.list_files(folder):
+        for line in audit_file.path.read_bytes().splitlines():
+            record = json.loads(line)
+            if record["type"] == chain.CALL:
+                ids.add(record["request_id"])
+    return ids

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 from licensing.methods import Helpers
+from multidict import CIMultiDict
 
 from license_server.app import SERVICES
 from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, TOKEN, Clock, Daemon, Upstream, Workstation
@@ -55,7 +56,7 @@ def activate_form(
 
 async def post(
     daemon: Daemon, path: str, data: bytes | str | dict[str, str], headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
+) -> tuple[int, CIMultiDict[str], bytes]:
     """POST to the daemon (an SDK-shaped form by default) and return status, headers and body."""
     body = urlencode(data) if isinstance(data, dict) else data
     headers = headers or {"Content-Type": "application/x-www-form-urlencoded"}
@@ -63,7 +64,7 @@ async def post(
         aiohttp.ClientSession() as session,
         session.post(daemon.base + path, data=body, headers=headers, allow_redirects=False) as response,
     ):
-        return response.status, dict(response.headers), await response.read()
+        return response.status, CIMultiDict(response.headers), await response.read()
 
 
 class TestForwarding:
@@ -485,6 +486,7 @@ class TestKeptAnswers:
             "server",
             "x-license-server-source",
             "x-license-server-age",
+            "x-request-id",
         }
 
     async def test_corrupt_store_set_aside(self, daemon: Daemon, workstation: MakeWorkstation) -> None:
