@@ -353,29 +353,34 @@ class AuditLog:
         self._error = str(exc)
 
     async def _retry(self) -> None:
-        """Write what was held (and a record of what was lost); on success the trail is healthy again."""
-        held = list(self._backlog)
-        records: list[_Entry] = []
-        if self._lost:
-            since = min([self._failing_since or self.clock(), *(stamp for stamp, _ in held)])
-            # Stamped no later than the held records after it (they keep the times of their calls), so the
-            # file this batch may open is named by a time no later than any record in it.
-            records.append(
-                (since, {"type": chain.GAP, "lost": self._lost, "since": chain.utc_now_text(since)})
-            )
-        records.extend(held)
-        try:
-            await self._run(self._files.write, records)
-        except OSError as exc:
-            self._error = str(exc)
-            return
-        for _ in held:
-            self._backlog.popleft()
-        self.records_written += len(records)
-        log.warning(
-            "audit_writable_again", written=len(records), lost=self._lost, failing_since=self._failing_since
-        )
-        self._error, self._failing_since, self._lost = None, None, 0
+        """Write what was held (and a record of what was lost); once all is written the trail is healthy."""
+        while True:
+            held = list(self._backlog)
+            self._backlog.clear()  # records held while this write runs queue up behind it
+            lost = self._lost
+            records: list[_Entry] = []
+            if lost:
+                since = min([self._failing_since or self.clock(), *(stamp for stamp, _ in held)])
+                # Stamped no later than the held records after it (they keep the times of their calls),
+                # so the file this batch may open is named by a time no later than any record in it.
+                gap = {"type": chain.GAP, "lost": lost, "since": chain.utc_now_text(since)}
+                records.append((since, gap))
+            records.extend(held)
+            try:
+                await self._run(self._files.write, records)
+            except OSError as exc:
+                self._error = str(exc)
+                self._backlog.extendleft(reversed(held))
+                while len(self._backlog) > self.config.backlog:
+                    self._backlog.popleft()
+                    self._lost += 1
+                return
+            self._lost -= lost
+            self.records_written += len(records)
+            if not self._backlog and not self._lost:
+                break
+        log.warning("audit_writable_again", failing_since=self._failing_since)
+        self._error, self._failing_since = None, None
 
     async def _housekeeping(self) -> None:
         """Periodic work: retries while failing, interval fsync, checkpoints, daily retention."""
