@@ -1,0 +1,125 @@
+"""One SQLite database (WAL) on its own worker thread; writes grouped into one transaction per tick."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Write = Callable[[sqlite3.Connection], None]
+
+
+class SqliteWorker:
+    """A database in `state_dir`: statements run on its own thread, in the order they were submitted."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = path
+        self._schema = schema
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=path.stem)
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[Write] = []
+        self._pending_done: asyncio.Future[None] | None = None
+        self._writes: set[asyncio.Future[None]] = set()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` with the connection on the worker thread, after everything submitted before it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            raise RuntimeError(f"{self.path.name} is not open")
+        return fn(self._db)
+
+    async def open(self) -> None:
+        """Open (or create) the database; a corrupt one is moved aside and a fresh one started."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._connect()
+        except sqlite3.DatabaseError as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.error(  # noqa: TRY400 - the cause is named; a traceback would not help an admin
+                "database_corrupt_set_aside", path=str(self.path), moved_to=str(aside), error=str(exc)
+            )
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(f"{self.path}{suffix}")
+                if source.exists():
+                    source.rename(Path(f"{aside}{suffix}"))
+            self._connect()
+
+    def _connect(self) -> None:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = db
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL survives a killed process; only a power cut may lose the last commits.
+        db.execute("PRAGMA synchronous=NORMAL")
+        check = db.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {check}")
+        db.executescript(self._schema)
+
+    def write(self, fn: Write) -> asyncio.Future[None]:
+        """Queue a write; writes queued in one loop iteration share one transaction.
+
+        The future is done once that transaction committed (or failed, which is logged: callers go on).
+        """
+        self._pending.append(fn)
+        if self._pending_done is None:
+            loop = asyncio.get_running_loop()
+            self._pending_done = loop.create_future()
+            loop.call_soon(self.submit)
+        return self._pending_done
+
+    def submit(self) -> None:
+        """Send the queued writes to the worker thread now."""
+        done = self._pending_done
+        if done is None:
+            return
+        batch, self._pending, self._pending_done = self._pending, [], None
+        write = asyncio.ensure_future(self.run(functools.partial(_transaction, batch)))
+        self._writes.add(write)
+        write.add_done_callback(functools.partial(self._written, done))
+
+    def _written(self, done: asyncio.Future[None], write: asyncio.Future[None]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and (exc := write.exception()) is not None:
+            log.error("database_write_failed", database=self.path.name, error=str(exc))
+        if not done.done():
+            done.set_result(None)
+
+    async def flush(self) -> None:
+        """Wait until every queued write has landed."""
+        self.submit()
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Flush queued writes, close the database and stop the worker thread."""
+        await self.flush()
+        if self._db is not None:
+            await self.run(lambda db: db.close())
+            self._db = None
+        self._executor.shutdown(wait=False)  # the close above was its last job
+
+
+def _transaction(batch: list[Write], db: sqlite3.Connection) -> None:
+    """Apply a batch of writes in one transaction."""
+    with db:
+        db.execute("BEGIN")
+        for fn in batch:
+            fn(db)
