@@ -15,9 +15,10 @@ from license_server.audit.writer import AuditLog
 from license_server.cache import AnswerCache
 from license_server.config import Config
 from license_server.handlers import handle
-from license_server.keys import CLOCK, CONFIG, SERVICES, Services
+from license_server.keys import CLOCK, CONFIG, LEASE_CLOCK, SERVICES, Services
 from license_server.license_files import LicenseFiles
 from license_server.proxy import Licensing
+from license_server.seats import BootClock, LeaseClock, SeatLedger
 from license_server.signatures import KeyRing, load_public_key
 from license_server.state import StateLock, load_fingerprint_key
 from license_server.store import Store
@@ -26,6 +27,7 @@ from license_server.upstream import Breaker, Upstream, make_session
 log = structlog.get_logger(__name__)
 
 _STORE_FILE = "answers.sqlite3"
+_SEATS_FILE = "seats.sqlite3"
 
 
 def load_keyring(config: Config) -> KeyRing:
@@ -48,6 +50,12 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         store = Store(config.state_dir / _STORE_FILE)
         kept = await store.open()
         opened.push_async_callback(store.close)
+        lease_clock = app.get(LEASE_CLOCK)
+        if lease_clock is None:
+            lease_clock = await asyncio.to_thread(BootClock)
+        seats = SeatLedger(config.state_dir / _SEATS_FILE, lease_clock=lease_clock, clock=app[CLOCK])
+        live_leases = await seats.open()
+        opened.push_async_callback(seats.close)
         audit = AuditLog(config.audit_dir, config.audit, app[CLOCK])
         await audit.open(__version__)
         opened.push_async_callback(audit.close)
@@ -70,6 +78,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             keyring=keyring,
             keep=config.keep,
             secret=secret,
+            seats=seats,
             clock=app[CLOCK],
         )
         app[SERVICES] = Services(config, licensing, store, upstream, audit, kept, time.time())
@@ -77,6 +86,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             "state_loaded",
             state_dir=str(config.state_dir),
             kept_answers=kept,
+            live_leases=live_leases,
             license_files=len(files),
             vendor_keys=len(keyring),
             offline=config.upstream.offline,
@@ -86,11 +96,15 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def create_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
-    """Build the workstation-facing application for a configuration (and a wall clock, for tests)."""
+def create_app(
+    config: Config, *, clock: Callable[[], float] = time.time, lease_clock: LeaseClock | None = None
+) -> web.Application:
+    """Build the workstation-facing application (tests pass their own wall and lease clocks)."""
     app = web.Application(client_max_size=config.listen.max_body_bytes)
     app[CONFIG] = config
     app[CLOCK] = clock
+    if lease_clock is not None:
+        app[LEASE_CLOCK] = lease_clock
     app.cleanup_ctx.append(_services_ctx)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -1,4 +1,4 @@
-"""Command line: `license-server serve`, `check-config`, `audit verify` and `audit search`."""
+"""Command line: `license-server serve`, `check-config`, `audit verify`, `audit search` and `report`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import itertools
 import json
 import os
 import re
+import sqlite3
 import sys
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from license_server import __version__, logs
+from license_server import __version__, charts, logs, reports
 from license_server.app import load_keyring
 from license_server.audit import search as audit_search
 from license_server.audit import verify as audit_verify
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     _add_verify_parser(audit_sub)
     _add_search_parser(audit_sub)
+    report = sub.add_parser(
+        "report",
+        help="seat use and machines from the seat ledger",
+        description="Reports from the seat ledger.",
+    )
+    report_sub = report.add_subparsers(dest="report_command", required=True)
+    _add_seats_parser(report_sub)
+    _add_machines_parser(report_sub)
     return parser
 
 
@@ -107,6 +116,59 @@ def _add_search_parser(audit_sub: Any) -> None:
     cmd.add_argument("--limit", type=int, metavar="N", help="print at most N records")
 
 
+def _add_seats_parser(report_sub: Any) -> None:
+    """`report seats`: peak floating seats per license and hour, day or week, against the seat limit."""
+    text = "peak floating seats, machines and denials per license and hour, day or week; optionally a chart"
+    cmd: argparse.ArgumentParser = report_sub.add_parser("seats", help=text, description=text)
+    _add_config_options(cmd)
+    for option, edge in (
+        ("--since", "from this UTC time (default: 30 days ago at 00:00)"),
+        ("--until", "up to, not including, this UTC time (default: now)"),
+    ):
+        cmd.add_argument(
+            option,
+            metavar="T",
+            help=f"{edge}: 2026-11-01, 2026-11-01T08:00, 2026-11-01T08:00:00Z, or 7d, 12h, 30m ago",
+        )
+    cmd.add_argument(
+        "--every",
+        choices=tuple(reports.EVERY),
+        default="day",
+        help="one row per UTC hour, day or ISO week (from Monday) (default: day); "
+        "the first and last may be cut short by --since and --until",
+    )
+    cmd.add_argument("--product", help="product id (exact)")
+    cmd.add_argument("--key", help="license key (any case, whole key)")
+    cmd.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output (default: table)"
+    )
+    cmd.add_argument(
+        "--chart",
+        type=Path,
+        metavar="FILE",
+        help="also draw seats in use against the limit to FILE.svg or FILE.png",
+    )
+
+
+def _add_machines_parser(report_sub: Any) -> None:
+    """`report machines`: every machine the ledger knows, or the idle ones whose seats could be freed."""
+    text = "machines by friendly name, with when they were last seen; --idle-days N lists seats to free"
+    cmd: argparse.ArgumentParser = report_sub.add_parser("machines", help=text, description=text)
+    _add_config_options(cmd)
+    cmd.add_argument(
+        "--idle-days",
+        type=int,
+        metavar="N",
+        help="only machines not seen for N days or more and not deactivated, longest idle first",
+    )
+    cmd.add_argument("--name", help="part of the friendly name (any case)")
+    cmd.add_argument("--product", help="product id (exact)")
+    cmd.add_argument("--key", help="license key (any case, whole key)")
+    cmd.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output (default: table)"
+    )
+
+
 def _load(args: argparse.Namespace) -> Config:
     """Load the configuration the command line names, with environment overrides."""
     path = args.config
@@ -135,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "audit":
         return _verify(args, config) if args.audit_command == "verify" else _search(args, config)
+    if args.command == "report":
+        return _report(args, config)
     if args.command == "check-config":
         problems = _check(config)
         for problem in problems:
@@ -264,6 +328,85 @@ def _query(args: argparse.Namespace, now: datetime) -> audit_search.Query:
         action=args.action,
         client=args.client,
     )
+
+
+def _report(args: argparse.Namespace, config: Config) -> int:
+    """`report seats` and `report machines`: 0 even when nothing matches, 2 for a bad option or no ledger."""
+    try:
+        request = _seat_query(args) if args.report_command == "seats" else _machine_query(args)
+        if args.report_command == "seats" and args.chart is not None:
+            charts.chart_format(args.chart)
+            charts.require()
+        db = reports.open_ledger(reports.ledger_path(config.state_dir))
+    except (ValueError, reports.LedgerMissingError) as exc:
+        print(f"license-server: {exc}", file=sys.stderr)
+        return 2
+    except charts.ChartsUnavailableError as exc:
+        print(f"license-server: --chart needs matplotlib: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if isinstance(request, reports.SeatQuery):
+            return _report_seats(db, request, args.format, args.chart)
+        return _print(lambda: reports.write_machines(reports.machines(db, request), sys.stdout, args.format))
+    except sqlite3.Error as exc:
+        print(f"license-server: cannot read the seat ledger: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.close()
+
+
+def _report_seats(db: sqlite3.Connection, query: reports.SeatQuery, form: str, chart: Path | None) -> int:
+    """Print the seat report and draw its chart."""
+    max_steps = charts.MAX_STEP_POINTS if chart is not None else 0
+    report = reports.seat_report(db, query, max_steps=max_steps)
+    status = _print(lambda: reports.write_seats(report, sys.stdout, form))
+    if not report.licenses and form != "table":
+        print(f"license-server: {reports.EMPTY_SEATS}", file=sys.stderr)
+    if chart is not None:
+        try:
+            charts.draw_seats(report, chart)
+        except OSError as exc:
+            print(f"license-server: cannot write the chart: {exc}", file=sys.stderr)
+            return 2
+    return status
+
+
+def _seat_query(args: argparse.Namespace) -> reports.SeatQuery:
+    """The seat report the options describe; ValueError for a time that cannot be used."""
+    now = datetime.now(UTC)
+    default_since = (now - timedelta(days=30)).replace(hour=0, minute=0, second=0, microsecond=0)
+    since = audit_search.parse_time(args.since, now) if args.since else default_since
+    until = audit_search.parse_time(args.until, now) if args.until else now
+    if until <= since:
+        raise ValueError(
+            f"--until ({until:%Y-%m-%dT%H:%M:%SZ}) must be later than --since ({since:%Y-%m-%dT%H:%M:%SZ})"
+        )
+    return reports.SeatQuery(
+        since=since.timestamp(), until=until.timestamp(), every=args.every, product=args.product, key=args.key
+    )
+
+
+def _machine_query(args: argparse.Namespace) -> reports.MachineQuery:
+    """The machine listing the options describe; ValueError for a negative --idle-days."""
+    if args.idle_days is not None and args.idle_days < 0:
+        raise ValueError(f"--idle-days: must not be negative, got {args.idle_days}")
+    return reports.MachineQuery(
+        now=datetime.now(UTC).timestamp(),
+        idle_days=args.idle_days,
+        name=args.name,
+        product=args.product,
+        key=args.key,
+    )
+
+
+def _print(write: Callable[[], object]) -> int:
+    """Run a writer to stdout; a reader that went away early (head, less) is no error."""
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         call, body, raw_query = await _parse(request, services, method)
         outcome = await services.licensing.answer(
-            call, request.method, body, raw_query, _FORM if body else None
+            call, request.method, body, raw_query, _FORM if body else None, request.remote or ""
         )
     except RequestError as exc:
         outcome = Outcome.refused(exc.status, exc.message)
@@ -104,7 +104,6 @@ def _record(
     elapsed: float,
 ) -> dict[str, Any]:
     """The audit record of one answered call; never the token."""
-    friendly = "" if call is None else call.fields.get("friendlyname", "")
     return {
         "type": CALL,
         "request_id": request_id,
@@ -114,8 +113,7 @@ def _record(
         "product_id": "" if call is None else call.product_id,
         "key": "" if call is None else call.license_key,
         "machine": "" if call is None else call.machine_code,
-        # The Python SDK sends an unset friendly name as the text "None".
-        "friendly_name": "" if friendly == "None" else friendly,
+        "friendly_name": "" if call is None else call.friendly_name,
         "floating_interval": 0 if call is None else call.floating_interval,
         "action": outcome.action.value,
         "status": outcome.status,

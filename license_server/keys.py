@@ -10,6 +10,7 @@ from aiohttp import web
 from license_server.audit.writer import AuditLog
 from license_server.config import Config
 from license_server.proxy import Licensing
+from license_server.seats import LeaseClock
 from license_server.store import Store
 from license_server.upstream import Upstream
 
@@ -30,3 +31,4 @@ class Services:
 CONFIG = web.AppKey("config", Config)
 SERVICES = web.AppKey("services", Services)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+LEASE_CLOCK: web.AppKey[LeaseClock] = web.AppKey("lease_clock")

@@ -103,6 +103,7 @@ class Call:
     license_key: str
     machine_code: str
     floating_interval: int
+    max_overdraft: int
 
     @classmethod
     def from_fields(cls, method: str, fields: dict[str, str]) -> Call:
@@ -115,7 +116,19 @@ class Call:
             license_key=fields.get("key", "").strip(),
             machine_code=fields.get("machinecode", ""),
             floating_interval=int_field(fields, "floatingtimeinterval"),
+            max_overdraft=int_field(fields, "maxoverdraft"),
         )
+
+    @property
+    def license(self) -> tuple[str, str]:
+        """(product id, upper-cased license key): how the daemon names a license."""
+        return (self.product_id, self.license_key.upper())
+
+    @property
+    def friendly_name(self) -> str:
+        """The machine's friendly name; the Python SDK sends an unset one as the text "None"."""
+        name = self.fields.get("friendlyname", "")
+        return "" if name == "None" else name
 
     @property
     def keepable(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from license_server.cache import AnswerCache
 from license_server.config import KeepConfig
 from license_server.license_files import LicenseFiles
 from license_server.protocol import Call, Kind, error_body, flag
+from license_server.seats import LIMIT_REACHED, SeatLedger
 from license_server.signatures import (
     AnswerFormatError,
     KeyRing,
@@ -28,6 +30,8 @@ log = structlog.get_logger(__name__)
 
 JSON = "application/json; charset=utf-8"
 
+_FLOATING = "floating:"
+_OVERDRAFT = "floating:overdraft:"
 # Upstream refusals that mean the license itself is gone, not just this call.
 _LICENSE_GONE = ("blocked", "could not find the key")
 
@@ -75,6 +79,7 @@ class Licensing:
         keyring: KeyRing,
         keep: KeepConfig,
         secret: bytes,
+        seats: SeatLedger,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.upstream = upstream  # None in offline mode: nothing ever leaves the machine
@@ -83,13 +88,30 @@ class Licensing:
         self.keyring = keyring
         self.keep = keep
         self.secret = secret
+        self.seats = seats
         self.clock = clock
         self.stale_served = 0
 
     async def answer(
+        self, call: Call, http_method: str, body: bytes, raw_query: str, content_type: str | None, client: str
+    ) -> Outcome:
+        """Answer one allowlisted call, and note in the seat ledger which machine asked and what it got."""
+        outcome = await self._decide(call, http_method, body, raw_query, content_type)
+        if call.kind is Kind.ACTIVATE and call.license_key and call.machine_code:
+            self.seats.seen(
+                call.license,
+                call.machine_code,
+                friendly_name=call.friendly_name,
+                client=client,
+                floating=call.floating_interval > 0,
+                activated=outcome.result == 0,
+            )
+        return outcome
+
+    async def _decide(
         self, call: Call, http_method: str, body: bytes, raw_query: str, content_type: str | None
     ) -> Outcome:
-        """Answer one allowlisted call."""
+        """Upstream first (unless offline or fresh enough), falling back to kept answers and files."""
         cache_key = call.cache_key(self.secret) if call.keepable else None
         if self.upstream is None:
             return await self._fallback(call, cache_key, UpstreamFailure("offline mode is on", status=503))
@@ -125,10 +147,13 @@ class Licensing:
         if call.kind is Kind.DEACTIVATE and call.license_key:
             # A freed seat must never come back from a kept answer during a later outage.
             await self.cache.forget(call.product_id, call.license_key, call.machine_code)
+            await self.seats.released(call.license, call.machine_code)
             return outcome
         if cache_key is None:
             return outcome
         signed = self._verified(call, answered)
+        if call.kind is Kind.ACTIVATE:
+            await self._note_seat(call, signed)
         if signed is not None:
             if signed.block:
                 await self.cache.forget(call.product_id, call.license_key)
@@ -173,6 +198,23 @@ class Licensing:
             return None
         return signed
 
+    async def _note_seat(self, call: Call, signed: SignedLicense | None) -> None:
+        """Record the seat limit and, for a floating activation, the lease upstream granted."""
+        if signed is not None and signed.max_machines is not None:
+            self.seats.set_limit(call.license, signed.max_machines)
+        if call.floating_interval <= 0:
+            return
+        seconds: float = call.floating_interval
+        overdraft = False
+        if signed is not None:
+            for prefix, is_overdraft in ((_OVERDRAFT, True), (_FLOATING, False)):
+                expires = signed.floating_expires.get(prefix + call.machine_code)
+                if expires is not None and signed.sign_date is not None:
+                    # Both times are upstream's: their difference does not depend on this machine's clock.
+                    seconds, overdraft = max(0, expires - signed.sign_date), is_overdraft
+                    break
+        await self.seats.granted(call.license, call.machine_code, seconds, overdraft=overdraft)
+
     @staticmethod
     def _same_license(call: Call, signed: SignedLicense) -> bool:
         """Whether a signed license is the one the call asked about (and lists its machine, for Activate)."""
@@ -185,6 +227,8 @@ class Licensing:
         if not call.license_key:
             return
         lowered = message.lower()
+        if call.kind is Kind.ACTIVATE and message == LIMIT_REACHED:
+            self.seats.denied(call.license, call.machine_code, by="upstream", message=message)
         if any(marker in lowered for marker in _LICENSE_GONE):
             removed = await self.cache.forget(call.product_id, call.license_key)
             log.info("license_refused_kept_answers_dropped", product_id=call.product_id, removed=removed)
@@ -199,6 +243,8 @@ class Licensing:
             if kept is not None:
                 age = self._age(kept)
                 if age <= self.keep.max_age:
+                    if not await self._seat_free(call):
+                        return self._seat_refused(call, failure)
                     self.stale_served += 1
                     return self._serve_kept(kept, Action.KEPT_STALE, failure)
                 too_old = age
@@ -208,6 +254,8 @@ class Licensing:
             else:
                 found = self.files.for_getkey(call.product_id, call.license_key)
             if found is not None:
+                if not await self._seat_free(call):
+                    return self._seat_refused(call, failure)
                 return Outcome(
                     Action.LICENSE_FILE,
                     200,
@@ -227,6 +275,29 @@ class Licensing:
             upstream_status=failure.upstream_status,
             result=1,
             message=message,
+            failure=failure.reason,
+        )
+
+    async def _seat_free(self, call: Call) -> bool:
+        """For a floating activation answered offline: take (or renew) a local seat if one is free."""
+        if call.kind is not Kind.ACTIVATE or call.floating_interval <= 0:
+            return True
+        grant = self.seats.take(call.license, call.machine_code, call.floating_interval, call.max_overdraft)
+        if grant is None:
+            return False
+        await grant  # durable before the answer: a restart must not forget who holds a seat
+        return True
+
+    def _seat_refused(self, call: Call, failure: UpstreamFailure) -> Outcome:
+        """The refusal upstream itself gives when every floating seat is taken."""
+        self.seats.denied(call.license, call.machine_code, by="local", message=LIMIT_REACHED)
+        return Outcome(
+            Action.REFUSED,
+            200,
+            json.dumps({"result": 1, "message": LIMIT_REACHED}).encode(),
+            upstream_status=failure.upstream_status,
+            result=1,
+            message=LIMIT_REACHED,
             failure=failure.reason,
         )
 

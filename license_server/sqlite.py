@@ -16,7 +16,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-Write = Callable[[sqlite3.Connection], None]
+Write = Callable[[sqlite3.Connection], object]  # whatever it returns is ignored
 
 
 class SqliteWorker:

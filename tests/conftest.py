@@ -43,17 +43,28 @@ def vendor_key() -> rsa.RSAPrivateKey:
 
 
 class Clock:
-    """A wall clock the tests move by hand."""
+    """A wall clock and a lease clock the tests move by hand, together or (a wall-clock jump) apart."""
 
     def __init__(self) -> None:
-        self.now = time.time()
+        self.wall = time.time()
+        self.boot = 1000.0
+        self.boot_id = "test-boot"
 
     def __call__(self) -> float:
-        return self.now
+        return self.wall
+
+    def now(self) -> float:
+        """The lease clock (CLOCK_BOOTTIME in production)."""
+        return self.boot
 
     def advance(self, seconds: float) -> None:
-        """Move time forward."""
-        self.now += seconds
+        """Let time pass."""
+        self.wall += seconds
+        self.boot += seconds
+
+    def jump_wall(self, seconds: float) -> None:
+        """Set the wall clock forward or back without time passing."""
+        self.wall += seconds
 
 
 @pytest.fixture
@@ -112,7 +123,8 @@ class Daemon:
         """Start (or restart) with optional config section replacements, e.g. upstream=..."""
         if changes:
             self.config = dataclasses.replace(self.config, **changes)
-        self.server = await self._factory(create_app(self.config, clock=self._clock), host="127.0.0.1")
+        app = create_app(self.config, clock=self._clock, lease_clock=self._clock)
+        self.server = await self._factory(app, host="127.0.0.1")
         return self
 
     async def stop(self) -> None:

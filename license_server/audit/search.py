@@ -6,7 +6,7 @@ import csv
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -299,7 +299,7 @@ def write_csv(records: Iterable[dict[str, Any]], out: TextIO) -> int:
     writer.writeheader()
     count = 0
     for record in records:
-        row = {column: _csv_value(record.get(column)) for column in _CSV_COLUMNS}
+        row = {column: csv_value(record.get(column)) for column in _CSV_COLUMNS}
         row["details"] = _details(record, _CSV_COLUMNS)
         writer.writerow(row)
         count += 1
@@ -316,10 +316,10 @@ def write_table(records: Iterable[dict[str, Any]], out: TextIO) -> int:
     widths = [
         max(len(column), *(len(row[index]) for row in sample)) for index, column in enumerate(_TABLE_COLUMNS)
     ]
-    out.write(_aligned(list(_TABLE_COLUMNS), widths))
+    out.write(aligned(list(_TABLE_COLUMNS), widths))
     count = 0
     for row in itertools.chain(sample, rows):
-        out.write(_aligned(row, widths))
+        out.write(aligned(row, widths))
         count += 1
     return count
 
@@ -345,24 +345,33 @@ def _cell(value: object, column: str) -> str:
     elif column == "latency_ms" and isinstance(value, int | float) and not isinstance(value, bool):
         text = f"{value:.1f}"
     else:
-        text = str(value)
-    # Workstations choose machine codes and names: never let them put terminal escapes on an admin's screen.
-    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+        text = printable(str(value))
     if column == "message" and len(text) > _MESSAGE_WIDTH:
         text = text[: _MESSAGE_WIDTH - 1] + "…"
     return text
 
 
-def _aligned(cells: list[str], widths: list[int]) -> str:
+def printable(text: str) -> str:
+    """Text with control characters escaped, for a terminal."""
+    # Workstations choose machine codes and names: never let them put terminal escapes on an admin's screen.
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def aligned(
+    cells: Sequence[str],
+    widths: Sequence[int],
+    columns: Sequence[str] = _TABLE_COLUMNS,
+    right_aligned: Collection[str] = _RIGHT_ALIGNED,
+) -> str:
     """One table line: cells padded to their column's width, numbers to the right."""
     parts = [
-        cell.rjust(width) if column in _RIGHT_ALIGNED else cell.ljust(width)
-        for cell, width, column in zip(cells, widths, _TABLE_COLUMNS, strict=True)
+        cell.rjust(width) if column in right_aligned else cell.ljust(width)
+        for cell, width, column in zip(cells, widths, columns, strict=True)
     ]
     return "  ".join(parts).rstrip() + "\n"
 
 
-def _csv_value(value: object) -> object:
+def csv_value(value: object) -> object:
     """A field as a CSV cell: null empty, nested values as JSON."""
     if value is None:
         return ""

@@ -1,0 +1,390 @@
+"""Seat ledger: machines by friendly name, floating leases that expire on time whatever the wall clock does.
+
+Live leases are timed on CLOCK_BOOTTIME, which neither jumps with the wall clock nor restarts with the
+daemon; the wall-clock times kept beside them are for reports. After a reboot, leases fall back to their
+wall-clock expiry, the best there is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import structlog
+
+from license_server.sqlite import SqliteWorker
+
+log = structlog.get_logger(__name__)
+
+LIMIT_REACHED = "Cannot activate the new device as the limit has been reached."
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_HOUR = 3600
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS licenses (
+    product_id   TEXT NOT NULL,
+    license_key  TEXT NOT NULL,
+    max_machines INTEGER NOT NULL,   -- MaxNoOfMachines of the newest signed license seen; 0: no limit
+    updated      REAL NOT NULL,
+    PRIMARY KEY (product_id, license_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS machines (
+    product_id    TEXT NOT NULL,
+    license_key   TEXT NOT NULL,
+    machine_code  TEXT NOT NULL,
+    friendly_name TEXT NOT NULL,
+    client        TEXT NOT NULL,
+    floating      INTEGER NOT NULL,  -- 1 when its last activation was floating
+    first_seen    REAL NOT NULL,
+    last_seen     REAL NOT NULL,
+    calls         INTEGER NOT NULL,
+    deactivated   REAL,              -- when a deactivation passed through, until it activates again
+    PRIMARY KEY (product_id, license_key, machine_code)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS machines_last_seen ON machines (last_seen);
+CREATE INDEX IF NOT EXISTS machines_name ON machines (friendly_name COLLATE NOCASE);
+CREATE TABLE IF NOT EXISTS leases (
+    id           INTEGER PRIMARY KEY,
+    product_id   TEXT NOT NULL,
+    license_key  TEXT NOT NULL,
+    machine_code TEXT NOT NULL,
+    started      REAL NOT NULL,      -- wall clock
+    expires      REAL NOT NULL,      -- wall clock, moved on by renewals
+    released     REAL,               -- wall clock of a deactivation, if any
+    overdraft    INTEGER NOT NULL,
+    renewals     INTEGER NOT NULL,
+    granted_by   TEXT NOT NULL,      -- 'upstream' or 'local' (during an outage)
+    boot_id      TEXT NOT NULL,
+    deadline     REAL NOT NULL,      -- CLOCK_BOOTTIME of boot_id when the lease ends
+    open         INTEGER NOT NULL DEFAULT 1  -- 0 once released or seen expired: never live again
+);
+CREATE INDEX IF NOT EXISTS leases_license_time ON leases (product_id, license_key, started);
+-- reports look for leases overlapping a range: started before its end and expiring after its start
+CREATE INDEX IF NOT EXISTS leases_license_expires ON leases (product_id, license_key, expires);
+CREATE INDEX IF NOT EXISTS leases_open ON leases (id) WHERE open = 1;
+CREATE TABLE IF NOT EXISTS activity (
+    product_id   TEXT NOT NULL,
+    license_key  TEXT NOT NULL,
+    hour         INTEGER NOT NULL,   -- unix time of the hour's start
+    machine_code TEXT NOT NULL,
+    floating     INTEGER NOT NULL,
+    calls        INTEGER NOT NULL,
+    PRIMARY KEY (product_id, license_key, hour, machine_code)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS denials (
+    id           INTEGER PRIMARY KEY,
+    product_id   TEXT NOT NULL,
+    license_key  TEXT NOT NULL,
+    machine_code TEXT NOT NULL,
+    time         REAL NOT NULL,
+    denied_by    TEXT NOT NULL,      -- 'upstream' or 'local'
+    message      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS denials_license_time ON denials (product_id, license_key, time);
+"""
+
+License = tuple[str, str]  # (product id, upper-cased license key)
+
+
+class LeaseClock(Protocol):
+    """A clock for lease deadlines that the wall clock cannot move, and the id of what it counts from."""
+
+    boot_id: str
+
+    def now(self) -> float:
+        """Seconds since the clock's origin."""
+        ...
+
+
+class BootClock:
+    """Seconds since boot, counting suspend, and the id of the boot they count from (reads /proc)."""
+
+    def __init__(self) -> None:
+        try:
+            self.boot_id = _BOOT_ID.read_text().strip()
+        except OSError:  # not Linux: every start counts as a new boot, wall-clock expiry is used
+            self.boot_id = uuid.uuid4().hex
+
+    def now(self) -> float:
+        """Seconds on CLOCK_BOOTTIME."""
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class _Row(NamedTuple):
+    """A lease row as loaded at start."""
+
+    id: int
+    product_id: str
+    license_key: str
+    machine: str
+    expires: float
+    overdraft: bool
+    boot_id: str
+    deadline: float
+
+
+@dataclass(slots=True)
+class Lease:
+    """A live floating seat."""
+
+    id: int
+    machine: str
+    deadline: float  # on the lease clock
+    expires: float  # wall clock, for reports
+    overdraft: bool
+
+
+class SeatLedger:
+    """Who holds which seat: updated from the traffic, asked before a floating seat is granted offline."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        lease_clock: LeaseClock,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = SqliteWorker(path, SCHEMA)
+        self.clock = clock
+        self.lease_clock = lease_clock
+        self._live: dict[License, dict[str, Lease]] = {}
+        self._limits: dict[License, int] = {}
+        self._next_id = 1
+
+    async def open(self) -> int:
+        """Open the ledger and load limits and live leases; returns how many leases are live."""
+        await self.db.open()
+        boot_id, boot_now, wall_now = self.lease_clock.boot_id, self.lease_clock.now(), self.clock()
+
+        def load(db: sqlite3.Connection) -> tuple[list[tuple[str, str, int]], list[_Row], int]:
+            limits = db.execute("SELECT product_id, license_key, max_machines FROM licenses").fetchall()
+            leases = [
+                _Row(int(i), str(p), str(k), str(m), float(e), bool(o), str(b), float(d))
+                for i, p, k, m, e, o, b, d in db.execute(
+                    "SELECT id, product_id, license_key, machine_code, expires, overdraft, boot_id, deadline"
+                    " FROM leases WHERE open = 1"
+                )
+            ]
+            top = db.execute("SELECT coalesce(max(id), 0) FROM leases").fetchone()[0]
+            return limits, leases, int(top)
+
+        limits, rows, top = await self.db.run(load)
+        self._limits = {(p, k): n for p, k, n in limits}
+        self._next_id = top + 1
+        carried: list[Lease] = []
+        ended: list[int] = []
+        for row in rows:
+            lease = Lease(row.id, row.machine, row.deadline, row.expires, row.overdraft)
+            if row.boot_id != boot_id:  # another boot: its clock is gone, the wall clock is all there is
+                lease.deadline = boot_now + (row.expires - wall_now)
+                carried.append(lease)
+            if lease.deadline > boot_now:
+                self._live.setdefault((row.product_id, row.license_key), {})[row.machine] = lease
+            else:
+                ended.append(lease.id)
+
+        def settle(db: sqlite3.Connection) -> None:
+            # Carried leases run on this boot's clock from now on, whatever the wall clock does next;
+            # ended ones are closed, so that no later clock jump can bring them back.
+            db.executemany(
+                "UPDATE leases SET boot_id = ?, deadline = ? WHERE id = ?",
+                [(boot_id, lease.deadline, lease.id) for lease in carried],
+            )
+            db.executemany("UPDATE leases SET open = 0 WHERE id = ?", [(i,) for i in ended])
+
+        if carried or ended:
+            await self.db.write(settle)
+        return sum(len(leases) for leases in self._live.values())
+
+    async def close(self) -> None:
+        """Flush and close the ledger."""
+        await self.db.close()
+
+    # -- what the daemon asks ----------------------------------------------------------------------
+
+    def live(self, license: License) -> dict[str, Lease]:
+        """The live leases of a license, by machine code (expired ones are let go here)."""
+        leases = self._live.get(license)
+        if not leases:
+            return {}
+        now = self.lease_clock.now()
+        ended = [lease.id for lease in leases.values() if lease.deadline <= now]
+        if ended:
+            for machine in [m for m, lease in leases.items() if lease.deadline <= now]:
+                del leases[machine]
+            self.db.write(
+                lambda db: db.executemany("UPDATE leases SET open = 0 WHERE id = ?", [(i,) for i in ended])
+            )
+        return leases
+
+    def in_use(self) -> dict[License, int]:
+        """Live floating seats per license."""
+        return {license: n for license in list(self._live) if (n := len(self.live(license)))}
+
+    def limit(self, license: License) -> int | None:
+        """MaxNoOfMachines of the newest signed license seen (0: no limit), or None if never seen."""
+        return self._limits.get(license)
+
+    def take(
+        self, license: License, machine: str, interval: float, max_overdraft: int
+    ) -> asyncio.Future[None] | None:
+        """Grant or renew a floating seat locally (upstream unreachable); None when none is free.
+
+        Check and grant happen without yielding to the event loop, so concurrent calls cannot both take the
+        last seat. The future is done once the lease is on disk.
+        """
+        leases = self.live(license)
+        if machine in leases:
+            return self._renew(leases[machine], interval)
+        limit = self._limits.get(license)
+        if limit is None:
+            return None  # never saw the signed license: nothing to bound seats by
+        regular = sum(1 for lease in leases.values() if not lease.overdraft)
+        if limit == 0 or regular < limit:
+            return self._grant(license, machine, interval, overdraft=False, granted_by="local")
+        if len(leases) - regular < max_overdraft:
+            return self._grant(license, machine, interval, overdraft=True, granted_by="local")
+        return None
+
+    # -- what the daemon tells it --------------------------------------------------------------------
+
+    def granted(
+        self, license: License, machine: str, seconds: float, *, overdraft: bool
+    ) -> asyncio.Future[None]:
+        """Upstream granted or renewed a floating seat for `seconds` from now."""
+        lease = self.live(license).get(machine)
+        if lease is not None and lease.overdraft == overdraft:
+            return self._renew(lease, seconds)
+        if lease is not None:
+            self._end(license, lease)
+        return self._grant(license, machine, seconds, overdraft=overdraft, granted_by="upstream")
+
+    def released(self, license: License, machine: str) -> asyncio.Future[None]:
+        """A deactivation passed through: the machine's seat is free, floating or node-locked."""
+        now = self.clock()
+        lease = self.live(license).get(machine)
+        if lease is not None:
+            self._end(license, lease)
+        product, key = license
+        return self.db.write(
+            lambda db: db.execute(
+                "UPDATE machines SET deactivated = ?"
+                " WHERE product_id = ? AND license_key = ? AND machine_code = ?",
+                (now, product, key, machine),
+            )
+        )
+
+    def set_limit(self, license: License, max_machines: int) -> None:
+        """Remember a signed license's MaxNoOfMachines."""
+        if self._limits.get(license) == max_machines:
+            return
+        self._limits[license] = max_machines
+        product, key = license
+        now = self.clock()
+        self.db.write(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO licenses VALUES (?, ?, ?, ?)", (product, key, max_machines, now)
+            )
+        )
+
+    def seen(
+        self,
+        license: License,
+        machine: str,
+        *,
+        friendly_name: str,
+        client: str,
+        floating: bool,
+        activated: bool,
+    ) -> None:
+        """A machine called: remember its name, address and time; an activation also clears a deactivation."""
+        now = self.clock()
+        product, key = license
+        hour = int(now // _HOUR * _HOUR)
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, NULL)"
+                " ON CONFLICT DO UPDATE SET"
+                " friendly_name = CASE WHEN excluded.friendly_name = '' THEN friendly_name"
+                "   ELSE excluded.friendly_name END,"
+                " client = excluded.client, floating = excluded.floating, last_seen = excluded.last_seen,"
+                " calls = calls + 1, deactivated = CASE WHEN ? THEN NULL ELSE deactivated END",
+                (product, key, machine, friendly_name, client, int(floating), now, now, activated),
+            )
+            db.execute(
+                "INSERT INTO activity VALUES (?, ?, ?, ?, ?, 1)"
+                " ON CONFLICT DO UPDATE SET calls = calls + 1, floating = max(floating, excluded.floating)",
+                (product, key, hour, machine, int(floating)),
+            )
+
+        self.db.write(write)
+
+    def denied(self, license: License, machine: str, *, by: str, message: str) -> None:
+        """A seat was refused, by upstream or by the daemon during an outage."""
+        now = self.clock()
+        product, key = license
+        self.db.write(
+            lambda db: db.execute(
+                "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (product, key, machine, now, by, message),
+            )
+        )
+
+    # -- lease bookkeeping -----------------------------------------------------------------------------
+
+    def _grant(
+        self, license: License, machine: str, seconds: float, *, overdraft: bool, granted_by: str
+    ) -> asyncio.Future[None]:
+        now, boot_now = self.clock(), self.lease_clock.now()
+        lease = Lease(self._next_id, machine, boot_now + seconds, now + seconds, overdraft)
+        self._next_id += 1
+        self._live.setdefault(license, {})[machine] = lease
+        product, key = license
+        boot_id = self.lease_clock.boot_id
+        return self.db.write(
+            lambda db: db.execute(
+                "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, NULL, ?, 0, ?, ?, ?, 1)",
+                (
+                    lease.id,
+                    product,
+                    key,
+                    machine,
+                    now,
+                    lease.expires,
+                    int(overdraft),
+                    granted_by,
+                    boot_id,
+                    lease.deadline,
+                ),
+            )
+        )
+
+    def _renew(self, lease: Lease, seconds: float) -> asyncio.Future[None]:
+        lease.deadline = self.lease_clock.now() + seconds
+        lease.expires = self.clock() + seconds
+        deadline, expires, boot_id = lease.deadline, lease.expires, self.lease_clock.boot_id
+        return self.db.write(
+            lambda db: db.execute(
+                "UPDATE leases SET expires = ?, deadline = ?, boot_id = ?, renewals = renewals + 1"
+                " WHERE id = ?",
+                (expires, deadline, boot_id, lease.id),
+            )
+        )
+
+    def _end(self, license: License, lease: Lease) -> None:
+        self._live.get(license, {}).pop(lease.machine, None)
+        now = self.clock()
+        self.db.write(
+            lambda db: db.execute(
+                "UPDATE leases SET released = ?, expires = min(expires, ?), open = 0 WHERE id = ?",
+                (now, now, lease.id),
+            )
+        )
