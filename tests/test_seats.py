@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import sqlite3
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -16,6 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from license_server.cli import main
 from license_server.seats import LIMIT_REACHED, SeatLedger
 from tests.conftest import PRODUCT, Clock, Daemon, Upstream, Workstation
 from tests.test_proxy import activate_form
@@ -274,3 +278,68 @@ class TestLedgerRecords:
             assert db.execute("SELECT machine_code, denied_by FROM denials").fetchall() == [("y", "upstream")]
         finally:
             db.close()
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run the license-server command in this process and return its exit code and standard output."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(args))
+    return code, out.getvalue()
+
+
+class TestReportsFromTraffic:
+    """Reports over a ledger filled by real SDK traffic through the daemon."""
+
+    async def test_peak_idle_and_chart(
+        self, upstream: Upstream, daemon_factory: DaemonFactory, clock: Clock, tmp_path: Path
+    ) -> None:
+        """Machines take floating seats at known times; the report shows each day's peak and the idle ones."""
+        upstream.fake.add_license(PRODUCT, SEATS, max_machines=5)
+        clock.jump_wall(-10 * 86400)  # the traffic happened ten days ago
+        daemon = await daemon_factory()
+        names = {"A": "ALICE-PC", "B": "BOB-PC", "C": "CAROL-PC", "D": "DAVE-PC", "E": "ERIN-PC"}
+        names |= {"F": "FRANK-PC", "G": "GRACE-PC"}
+        stations = {m: Workstation(lambda: daemon.api, upstream.fake.public_key_xml, m) for m in names}
+
+        async def take(machine: str) -> None:
+            found, message = await stations[machine].activate(
+                SEATS, floating=300, friendly_name=names[machine]
+            )
+            assert found is not None, message
+
+        for machine in "ABC":
+            await take(machine)
+        clock.advance(100)
+        await take("D")  # four at once
+        clock.advance(100)
+        assert await stations["A"].deactivate(SEATS, floating=True) == (True, "")
+        clock.advance(50)
+        await take("E")  # four again, never five
+        clock.advance(86400)
+        await take("F")
+        await take("G")
+        await daemon.stop()
+        state = f"state_dir={daemon.config.state_dir}"
+
+        code, out = await asyncio.to_thread(
+            run_cli, "report", "seats", "--set", state, "--since", "12d", "--every", "day", "--format", "json"
+        )
+        assert code == 0
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [(r["key"], r["peak_seats"], r["seat_limit"]) for r in rows] == [(SEATS, 4, 5), (SEATS, 2, 5)]
+        assert rows[0]["distinct_machines"] == 5
+
+        code, out = await asyncio.to_thread(
+            run_cli, "report", "machines", "--set", state, "--idle-days", "5", "--format", "json"
+        )
+        assert code == 0
+        idle = [json.loads(line)["friendly_name"] for line in out.splitlines()]
+        assert sorted(idle) == ["BOB-PC", "CAROL-PC", "DAVE-PC", "ERIN-PC", "FRANK-PC", "GRACE-PC"]
+
+        chart = tmp_path / "seats.svg"
+        code, _ = await asyncio.to_thread(
+            run_cli, "report", "seats", "--set", state, "--since", "12d", "--chart", str(chart)
+        )
+        assert code == 0
+        assert "<svg" in chart.read_text()
