@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -13,10 +15,11 @@ from aiohttp import web
 from license_server import __version__
 from license_server.audit.writer import AuditLog
 from license_server.cache import AnswerCache
-from license_server.config import Config
+from license_server.config import MAX_BODY_BYTES, Config
 from license_server.handlers import handle
-from license_server.keys import CLOCK, CONFIG, LEASE_CLOCK, SERVICES, Services
+from license_server.keys import CLOCK, CONFIG, GUARD, LEASE_CLOCK, SERVICES, Services
 from license_server.license_files import LicenseFiles
+from license_server.metrics import Metrics, Snapshot
 from license_server.proxy import Licensing
 from license_server.seats import BootClock, LeaseClock, SeatLedger
 from license_server.signatures import KeyRing, load_public_key
@@ -28,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 _STORE_FILE = "answers.sqlite3"
 _SEATS_FILE = "seats.sqlite3"
+_REFRESH_EVERY = 30.0  # seconds between counts of kept answers
 
 
 def load_keyring(config: Config) -> KeyRing:
@@ -66,11 +70,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             log.warning(
                 "no_vendor_key", detail="no public_key configured: answers are forwarded but never kept"
             )
-        upstream = None
-        if not config.upstream.offline:
-            session = make_session(config.upstream)
-            opened.push_async_callback(session.close)
-            upstream = Upstream(config.upstream, session, Breaker(config.upstream.breaker))
+        upstream = make_upstream(config)
+        metrics = Metrics(config.upstream.allowed_methods)
         licensing = Licensing(
             upstream=upstream,
             cache=AnswerCache(store, keyring, config.keep.memory_entries),
@@ -79,9 +80,13 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             keep=config.keep,
             secret=secret,
             seats=seats,
+            metrics=metrics,
             clock=app[CLOCK],
         )
-        app[SERVICES] = Services(config, licensing, store, upstream, audit, kept, time.time())
+        services = Services(config, licensing, store, upstream, audit, metrics, kept, time.time())
+        opened.push_async_callback(_close_upstreams, services)
+        metrics.watch(lambda: _snapshot(services))
+        app[SERVICES] = services
         log.info(
             "state_loaded",
             state_dir=str(config.state_dir),
@@ -93,14 +98,107 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             audit_dir=str(config.audit_dir),
             audit_seq=audit.state().seq,
         )
+        opened.push_async_callback(services.stop_background)
+        services.spawn(_refresh_counts(services))
         yield
+
+
+def make_upstream(config: Config) -> Upstream | None:
+    """The egress for a configuration: None in offline mode."""
+    if config.upstream.offline:
+        return None
+    return Upstream(config.upstream, make_session(config.upstream), Breaker(config.upstream.breaker))
+
+
+async def _close_upstreams(services: Services) -> None:
+    """Close the egress session, and any a reload replaced."""
+    for upstream in [*services.retired, services.upstream]:
+        if upstream is not None:
+            await upstream.session.close()
+
+
+async def _retire(services: Services, upstream: Upstream) -> None:
+    """Close a replaced egress once calls still using it have had their whole budget."""
+    services.retired.append(upstream)
+    await asyncio.sleep(upstream.config.timeout + 1)
+    services.retired.remove(upstream)
+    await upstream.session.close()
+
+
+async def _refresh_counts(services: Services) -> None:
+    """Keep the kept-answer count for status and metrics current, without a query per scrape."""
+    while True:
+        await asyncio.sleep(_REFRESH_EVERY)
+        services.kept_answers = await services.store.count()
+
+
+def _snapshot(services: Services) -> Snapshot:
+    """What a metrics scrape reads from the running daemon."""
+    seats: dict[str, int] = {}
+    for (product, _), count in services.licensing.seats.in_use().items():
+        seats[product] = seats.get(product, 0) + count
+    return Snapshot(
+        breaker=None if services.upstream is None else services.upstream.breaker.state,
+        audit=services.audit.state(),
+        audit_records=services.audit.records_written,
+        seats_by_product=seats,
+        kept_answers=services.kept_answers,
+    )
+
+
+async def reload(app: web.Application, config: Config) -> list[str]:
+    """Apply a re-read configuration to the running daemon; returns the settings that need a restart.
+
+    Vendor keys, license files, the method and client allowlists, upstream settings, kept-answer rules,
+    limits and the log level change at once; calls in flight finish with what they started with. A
+    configuration whose keys do not load raises before anything changes.
+    """
+    services = app[SERVICES]
+    old = services.config
+    keyring = load_keyring(config)
+    files, problems = await asyncio.to_thread(LicenseFiles.load, config.license_files, keyring)
+    for problem in problems:
+        log.warning("license_file_skipped", path=str(problem.path), reason=problem.reason)
+    fixed = {
+        "listen.host": (old.listen.host, config.listen.host),
+        "listen.port": (old.listen.port, config.listen.port),
+        "listen.tls_cert/tls_key": (old.listen.tls_cert is None, config.listen.tls_cert is None),
+        "state_dir": (old.state_dir, config.state_dir),
+        "audit": (old.audit, config.audit),
+        "keep.memory_entries": (old.keep.memory_entries, config.keep.memory_entries),
+        "log.format": (old.log.format, config.log.format),
+        "shutdown_timeout": (old.shutdown_timeout, config.shutdown_timeout),
+    }
+    restart_needed = [name for name, (before, after) in fixed.items() if before != after]
+    licensing = services.licensing
+    if config.upstream != old.upstream:
+        replaced = services.upstream
+        services.upstream = licensing.upstream = make_upstream(config)
+        if replaced is not None:
+            services.spawn(_retire(services, replaced))
+    licensing.keyring = licensing.cache.keyring = keyring
+    licensing.files = files
+    licensing.keep = dataclasses.replace(config.keep, memory_entries=old.keep.memory_entries)
+    services.metrics.allow_methods(config.upstream.allowed_methods)
+    logging.getLogger().setLevel(config.log.level.upper())
+    services.config = dataclasses.replace(
+        config,
+        listen=dataclasses.replace(config.listen, host=old.listen.host, port=old.listen.port),
+        state_dir=old.state_dir,
+        audit=old.audit,
+        keep=licensing.keep,
+        log=dataclasses.replace(config.log, format=old.log.format),
+        shutdown_timeout=old.shutdown_timeout,
+    )
+    return restart_needed
 
 
 def create_app(
     config: Config, *, clock: Callable[[], float] = time.time, lease_clock: LeaseClock | None = None
 ) -> web.Application:
     """Build the workstation-facing application (tests pass their own wall and lease clocks)."""
-    app = web.Application(client_max_size=config.listen.max_body_bytes)
+    # The body limit is enforced per call from the configuration in force, which a reload may raise.
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[CLOCK] = clock
     if lease_clock is not None:
@@ -110,4 +208,4 @@ def create_app(
     return app
 
 
-__all__ = ["CLOCK", "CONFIG", "SERVICES", "Services", "create_app", "load_keyring"]
+__all__ = ["CLOCK", "CONFIG", "GUARD", "SERVICES", "Services", "create_app", "load_keyring", "reload"]

@@ -25,6 +25,8 @@ LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("auto", "json", "console")
 MAX_DURATION = 3650 * 86400.0  # ten years; longer values overflow date arithmetic elsewhere
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_BODY_BYTES = 1024 * 1024  # the most a workstation call may carry, whatever is configured
 DEFAULT_ALLOWED_METHODS: tuple[str, ...] = (
     "key/activate",
     "key/getkey",
@@ -323,14 +325,6 @@ def _path(value: object, origin: _Origin) -> Path | None:
     return _resolve(value, origin)
 
 
-def _ca_file(value: object, origin: _Origin) -> Path | None:
-    """An extra CA bundle that must exist now, or None when unset."""
-    path = _path(value, origin)
-    if path is not None and not path.is_file():
-        raise _BadValueError(f"no such file: {path}")
-    return path
-
-
 def _as_list(value: object) -> list[object]:
     """A YAML list, or the problem."""
     if not isinstance(value, list):
@@ -350,6 +344,27 @@ def _methods(value: object, origin: _Origin) -> tuple[str, ...]:
         if method not in methods:
             methods.append(method)
     return tuple(methods)
+
+
+def _networks(value: object, origin: _Origin) -> tuple[IPNetwork, ...]:
+    """Client networks as CIDRs (a bare address is a one-address network)."""
+    networks = []
+    for index, item in enumerate(_as_list(value), 1):
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise _BadValueError(
+                f"item {index}: expected an address or network like 10.0.0.0/8, got {_shown(item)}"
+            ) from None
+    return tuple(networks)
+
+
+def _existing_file(value: object, origin: _Origin) -> Path | None:
+    """A file that must exist now, or None when unset."""
+    path = _path(value, origin)
+    if path is not None and not path.is_file():
+        raise _BadValueError(f"no such file: {path}")
+    return path
 
 
 def _looks_like_key(text: str) -> bool:
@@ -407,7 +422,17 @@ class ListenConfig:
 
     host: str = field(default="127.0.0.1", metadata=_rule(_host, text=True))
     port: int = field(default=8080, metadata=_rule(_whole(0, 65535)))  # 0 = any free port (tests)
-    max_body_bytes: int = field(default=64 * 1024, metadata=_rule(_size(1024, 1024 * 1024)))
+    max_body_bytes: int = field(default=64 * 1024, metadata=_rule(_size(1024, MAX_BODY_BYTES)))
+    # TLS for workstations: certificate chain and private key (PEM); both or neither
+    tls_cert: Path | None = field(default=None, metadata=_rule(_existing_file, text=True))
+    tls_key: Path | None = field(default=None, metadata=_rule(_existing_file, text=True))
+    # client addresses allowed to connect (CIDRs); empty: everyone who can reach the port
+    allow: tuple[IPNetwork, ...] = field(default=(), metadata=_rule(_networks))
+    max_connections: int = field(default=4096, metadata=_rule(_whole(1)))
+    # a client must finish sending a request's headers within this long
+    header_timeout: float = field(default=10.0, metadata=_rule(_duration(zero_allowed=False)))
+    # an idle keep-alive connection is closed after this long
+    keepalive_timeout: float = field(default=30.0, metadata=_rule(_duration(zero_allowed=False)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +455,7 @@ class UpstreamConfig:
     # explicit egress proxy (http://host:port); the environment's proxy variables are never used
     proxy: str | None = field(default=None, metadata=_rule(_proxy, text=True))
     # extra CA bundle for TLS verification (added to the system store)
-    ca_file: Path | None = field(default=None, metadata=_rule(_ca_file, text=True))
+    ca_file: Path | None = field(default=None, metadata=_rule(_existing_file, text=True))
     offline: bool = field(default=False, metadata=_rule(_flag))  # never contact upstream
     # lower-case "controller/method", no slashes around
     allowed_methods: tuple[str, ...] = field(default=DEFAULT_ALLOWED_METHODS, metadata=_rule(_methods))
@@ -779,6 +804,9 @@ def load_config(
     values[("source",)] = " + ".join(sources)
 
     config: Config = _build(Config, values, ())
+    if (config.listen.tls_cert is None) != (config.listen.tls_key is None):
+        missing = "listen.tls_key" if config.listen.tls_key is None else "listen.tls_cert"
+        raise ConfigError(f"{missing}: TLS needs both listen.tls_cert and listen.tls_key", key=missing)
     breaker = config.upstream.breaker
     if breaker.max_reset_after < breaker.reset_after:
         raise ConfigError(
@@ -799,7 +827,7 @@ def _summary(settings: Any) -> dict[str, object]:
         elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [item if isinstance(item, str | int | float) else str(item) for item in value]
         summary[item.name] = value
     return summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import time
 from typing import Any
@@ -10,23 +11,28 @@ import structlog
 from aiohttp import web
 
 from license_server import __version__
-from license_server.audit.chain import CALL
+from license_server.audit.chain import CALL, utc_now_text
 from license_server.audit.writer import AuditUnavailableError
-from license_server.keys import SERVICES, Services
+from license_server.config import IPNetwork
+from license_server.keys import CONFIG, GUARD, SERVICES, Services
+from license_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from license_server.protocol import Call, RequestError, normalise_path, parse_fields
 from license_server.proxy import Outcome
 
 log = structlog.get_logger(__name__)
 
 _FORM = "application/x-www-form-urlencoded"
-_HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+_MONITORING = frozenset({"/healthz", "/readyz", "/status", "/metrics"})
 _MAX_MESSAGE = 500  # characters of an answer's message kept in the audit record
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    """Route every request: health checks, then API calls in any of the SDKs' path spellings."""
-    if request.path.rstrip("/") in _HEALTH_PATHS:
-        return health(request)
+    """Route every request: monitoring endpoints, then API calls in any of the SDKs' path spellings."""
+    if (guard := request.app.get(GUARD)) is not None:
+        guard.started(request.protocol)
+    path = request.path.rstrip("/")
+    if path in _MONITORING:
+        return monitoring(request, path)
     services = request.app[SERVICES]
     started = time.monotonic()
     request_id = secrets.token_hex(8)
@@ -48,6 +54,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except AuditUnavailableError:
         outcome = Outcome.refused(503, _AUDIT_REFUSAL)
     _log_call(request, request_id, method, outcome, elapsed)
+    metrics = services.metrics
+    metrics.calls.labels(metrics.method_label(method), outcome.action.value, str(outcome.status)).inc()
+    metrics.latency.observe(elapsed)
     headers = {
         "Content-Type": outcome.content_type,
         "X-License-Server-Source": outcome.action.value,
@@ -58,6 +67,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return web.Response(status=outcome.status, body=outcome.body, headers=headers)
 
 
+_CLIENT_REFUSAL = "This license server does not accept calls from your address."
 _AUDIT_REFUSAL = (
     "The audit trail of this license server cannot be written, and it is configured to refuse calls"
     " until it can; see its log."
@@ -67,6 +77,8 @@ _AUDIT_REFUSAL = (
 async def _parse(request: web.Request, services: Services, method: str | None) -> tuple[Call, bytes, str]:
     """Check a call's path, HTTP method, allowlist, size and form; return the call, body and raw query."""
     config = services.config
+    if config.listen.allow and not client_allowed(request.remote, config.listen.allow):
+        raise RequestError(403, _CLIENT_REFUSAL)
     if method is None:
         raise RequestError(
             404, "Not a licensing API path. Point the SDK at http://HOST:PORT/api/ on this license server."
@@ -81,10 +93,7 @@ async def _parse(request: web.Request, services: Services, method: str | None) -
     too_large = f"The request body is larger than the {limit} bytes this license server accepts."
     if request.content_length is not None and request.content_length > limit:
         raise RequestError(413, too_large)
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise RequestError(413, too_large) from exc
+    body = await _read_body(request, limit, too_large)
     if body and request.content_type not in (_FORM, "application/octet-stream"):
         raise RequestError(415, f"The request body must be {_FORM}, as every Cryptolens SDK sends it.")
     try:
@@ -147,20 +156,66 @@ def _log_call(
     )
 
 
-def health(request: web.Request) -> web.Response:
-    """Liveness and readiness: 200 once state is loaded; an unreachable upstream is not unhealthy."""
+async def _read_body(request: web.Request, limit: int, too_large: str) -> bytes:
+    """The request body, refused past `limit` bytes (the limit in force, which a reload may change)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def client_allowed(remote: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether a client address lies in one of the allowed networks."""
+    if remote is None:
+        return False
+    try:
+        address = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def monitoring(request: web.Request, path: str) -> web.Response:
+    """/healthz (alive), /readyz (state loaded), /status (the daemon's state) and /metrics (Prometheus)."""
     services = request.app.get(SERVICES)
+    allow = request.app[CONFIG].listen.allow if services is None else services.config.listen.allow
+    if allow and not client_allowed(request.remote, allow):
+        return web.json_response({"result": 1, "message": _CLIENT_REFUSAL}, status=403)
+    if path == "/healthz":
+        return web.json_response({"status": "alive"})
     if services is None:
         return web.json_response({"status": "starting"}, status=503)
+    if path == "/readyz":
+        return web.json_response({"status": "ready"})
+    if path == "/metrics":
+        return web.Response(body=services.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+    return web.json_response(status_document(services))
+
+
+def status_document(services: Services) -> dict[str, object]:
+    """The daemon's state for monitoring and admins; no keys, machines, addresses or tokens."""
     upstream = services.upstream
     audit = services.audit.state()
-    body: dict[str, object] = {
+    last_success = None if upstream is None else upstream.breaker.last_success
+    return {
         "status": "ok" if audit.writable else "degraded",
         "version": __version__,
         "offline": upstream is None,
-        "upstream": "offline" if upstream is None else upstream.breaker.state.value,
+        "upstream": {
+            "state": "offline" if upstream is None else upstream.breaker.state.value,
+            "last_success": None if last_success is None else utc_now_text(last_success),
+            "last_failure": None if upstream is None else upstream.breaker.last_failure,
+        },
+        "kept_answers": services.kept_answers,
         "stale_answers_served": services.licensing.stale_served,
         "license_files": len(services.licensing.files),
+        "floating_seats_in_use": sum(services.licensing.seats.in_use().values()),
         "audit": {
             "writable": audit.writable,
             "error": audit.error,
@@ -170,4 +225,3 @@ def health(request: web.Request) -> web.Response:
         },
         "uptime_s": round(time.time() - services.started),
     }
-    return web.json_response(body)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
 from license_server.audit.writer import AuditLog
 from license_server.config import Config
+from license_server.listener import ConnectionGuard
+from license_server.metrics import Metrics
 from license_server.proxy import Licensing
 from license_server.seats import LeaseClock
 from license_server.store import Store
@@ -24,11 +28,27 @@ class Services:
     store: Store
     upstream: Upstream | None
     audit: AuditLog
-    kept_at_start: int
+    metrics: Metrics
+    kept_answers: int  # refreshed now and then from the store
     started: float
+    retired: list[Upstream] = field(default_factory=list)  # replaced by a reload, closing once idle
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run background work that lives as long as the daemon (a reference is kept until it ends)."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def stop_background(self) -> None:
+        """Cancel the background work and wait for it to end."""
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
 
 
 CONFIG = web.AppKey("config", Config)
 SERVICES = web.AppKey("services", Services)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 LEASE_CLOCK: web.AppKey[LeaseClock] = web.AppKey("lease_clock")
+GUARD = web.AppKey("guard", ConnectionGuard)

@@ -13,6 +13,7 @@ import structlog
 from license_server.cache import AnswerCache
 from license_server.config import KeepConfig
 from license_server.license_files import LicenseFiles
+from license_server.metrics import Metrics
 from license_server.protocol import Call, Kind, error_body, flag
 from license_server.seats import LIMIT_REACHED, SeatLedger
 from license_server.signatures import (
@@ -80,6 +81,7 @@ class Licensing:
         keep: KeepConfig,
         secret: bytes,
         seats: SeatLedger,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.upstream = upstream  # None in offline mode: nothing ever leaves the machine
@@ -89,6 +91,7 @@ class Licensing:
         self.keep = keep
         self.secret = secret
         self.seats = seats
+        self.metrics = metrics
         self.clock = clock
         self.stale_served = 0
 
@@ -114,7 +117,9 @@ class Licensing:
         """Upstream first (unless offline or fresh enough), falling back to kept answers and files."""
         cache_key = call.cache_key(self.secret) if call.keepable else None
         if self.upstream is None:
-            return await self._fallback(call, cache_key, UpstreamFailure("offline mode is on", status=503))
+            return await self._fallback(
+                call, cache_key, UpstreamFailure("offline mode is on", kind="offline", status=503)
+            )
         if cache_key is not None and self.keep.fresh_for > 0 and call.floating_interval <= 0:
             kept = await self.cache.get(cache_key)
             if kept is not None and self._age(kept) < self.keep.fresh_for:
@@ -124,9 +129,13 @@ class Licensing:
             answered = await self.upstream.call(
                 call.method, http_method, body, raw_query, content_type, coalesce_key=coalesce
             )
-            return await self._on_answer(call, cache_key, answered)
+            self.metrics.upstream_latency.observe(answered.latency)
+            outcome = await self._on_answer(call, cache_key, answered)
         except UpstreamFailure as failure:
+            self.metrics.upstream.labels(failure.kind).inc()
             return await self._fallback(call, cache_key, failure)
+        self.metrics.upstream.labels("answered" if outcome.result == 0 else "refused").inc()
+        return outcome
 
     async def _on_answer(self, call: Call, cache_key: bytes | None, answered: UpstreamAnswer) -> Outcome:
         """Handle an answer upstream gave: keep it if it is a verified license, act on refusals."""
@@ -177,11 +186,15 @@ class Licensing:
         try:
             signed = parse_signed_answer(answered.answer.obj)
         except AnswerFormatError as exc:
-            raise UpstreamFailure(f"the licensing service sent a malformed signed answer: {exc}") from exc
+            raise UpstreamFailure(
+                f"the licensing service sent a malformed signed answer: {exc}", kind="invalid"
+            ) from exc
         if signed is None or not self.keyring:
             return None  # unsigned, or no vendor key to check with: passed on, never kept
         if not verify_signed(self.keyring, signed):
-            raise UpstreamFailure("the answer's signature does not verify with any configured vendor key")
+            raise UpstreamFailure(
+                "the answer's signature does not verify with any configured vendor key", kind="bad_signature"
+            )
         metadata = {k.lower(): v for k, v in answered.answer.obj.items()}.get("metadata")
         if (
             flag(call.fields, "metadata")
@@ -189,7 +202,8 @@ class Licensing:
             and not verify_metadata(self.keyring, metadata)
         ):
             raise UpstreamFailure(
-                "the answer's metadata signature does not verify with any configured vendor key"
+                "the answer's metadata signature does not verify with any configured vendor key",
+                kind="bad_signature",
             )
         if not self._same_license(call, signed):
             log.warning(

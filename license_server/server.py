@@ -1,4 +1,4 @@
-"""Running the daemon: runner and site, signals, systemd notifications, graceful stop."""
+"""Running the daemon: runner and site, signals, reloads, and what systemd is told (READY, STATUS, ...)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,21 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from license_server.app import SERVICES, create_app, load_keyring
-from license_server.config import Config, describe
-from license_server.license_files import LicenseFiles
+from license_server.app import GUARD, SERVICES, create_app, reload
+from license_server.config import Config, ConfigError, describe
+from license_server.listener import ConnectionGuard, GuardedSite, tls_context
+from license_server.signatures import KeyFormatError
 
 log = structlog.get_logger(__name__)
+
+_STATUS_EVERY = 10.0  # seconds between STATUS updates when no watchdog asks for more
 
 
 def notify(message: str) -> None:
@@ -31,52 +37,119 @@ def notify(message: str) -> None:
         log.warning("systemd_notify_failed", error=str(exc))
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT; then stop accepting, finish calls in flight, flush state."""
+def _watchdog_interval() -> float | None:
+    """Half the watchdog period systemd set for this process, or None when there is no watchdog."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1_000_000 / 2
+    except ValueError:
+        return None
+
+
+def status_line(app: web.Application) -> str:
+    """One line for `systemctl status`: upstream state, kept answers, seats, audit."""
+    services = app[SERVICES]
+    upstream = (
+        "offline mode" if services.upstream is None else f"upstream {services.upstream.breaker.state.value}"
+    )
+    audit = "audit ok" if services.audit.writable else "AUDIT FAILING"
+    seats = sum(services.licensing.seats.in_use().values())
+    return f"{upstream}, {services.kept_answers} kept answers, {seats} floating seats in use, {audit}"
+
+
+async def _heartbeat(app: web.Application) -> None:
+    """Keep systemd's STATUS current and feed its watchdog while the event loop is responsive."""
+    watchdog = _watchdog_interval()
+    every = min(_STATUS_EVERY, watchdog) if watchdog else _STATUS_EVERY
+    while True:
+        await asyncio.sleep(every)
+        notify(f"STATUS={status_line(app)}" + ("\nWATCHDOG=1" if watchdog else ""))
+
+
+async def serve(config: Config, *, load: Callable[[], Config] | None = None) -> None:
+    """Run until SIGTERM or SIGINT; then stop accepting, finish calls in flight, flush state.
+
+    `load` re-reads the configuration on SIGHUP.
+    """
     log.info("starting", **describe(config))
     app = create_app(config)
     # access_log=None: aiohttp's access log prints query strings, which may carry a token.
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=config.shutdown_timeout, handle_signals=False
+        app,
+        access_log=None,
+        shutdown_timeout=config.shutdown_timeout,
+        handle_signals=False,
+        keepalive_timeout=config.listen.keepalive_timeout,
     )
     await runner.setup()
+    assert runner.server is not None
+    guard = ConnectionGuard(runner.server, config.listen.max_connections, config.listen.header_timeout)
+    app[GUARD] = guard
+    tls = None
+    if config.listen.tls_cert is not None and config.listen.tls_key is not None:
+        tls = await asyncio.to_thread(tls_context, config.listen.tls_cert, config.listen.tls_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def on_hup() -> None:
-        task = asyncio.create_task(_reload(app))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        if load is not None:
+            spawn(_reload(app, load, tls))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
+        site = GuardedSite(
+            runner,
+            config.listen.host,
+            config.listen.port,
+            guard,
+            ssl_context=tls,
+        )
         await site.start()
-        for address in runner.addresses:
-            log.info("listening", address=f"http://{address[0]}:{address[1]}/api/")
-        services = app[SERVICES]
-        notify(f"READY=1\nSTATUS=serving, {services.kept_at_start} kept answers")
+        scheme = "https" if tls else "http"
+        for host, port in site.bound:
+            log.info("listening", address=f"{scheme}://{host}:{port}/api/")
+        notify(f"READY=1\nSTATUS={status_line(app)}")
+        spawn(_heartbeat(app))
         await stop.wait()
         log.info("stopping", detail="no new connections; finishing calls in flight")
         notify("STOPPING=1")
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")
 
 
-async def _reload(app: web.Application) -> None:
-    """SIGHUP: re-read the offline license files (configuration reload is not supported yet)."""
-    services = app.get(SERVICES)
-    if services is None:
-        return
-    config = services.config
-    files, problems = await asyncio.to_thread(LicenseFiles.load, config.license_files, load_keyring(config))
-    for problem in problems:
-        log.warning("license_file_skipped", path=str(problem.path), reason=problem.reason)
-    services.licensing.files = files
-    log.info("license_files_reloaded", license_files=len(files))
+async def _reload(app: web.Application, load: Callable[[], Config], tls: ssl.SSLContext | None) -> None:
+    """SIGHUP: read the configuration again and apply it; a bad one is refused and the old one stays."""
+    notify("RELOADING=1")
+    try:
+        try:
+            config = await asyncio.to_thread(load)
+            restart_needed = await reload(app, config)
+        except (ConfigError, KeyFormatError, OSError) as exc:
+            log.error("reload_refused", error=str(exc), detail="the configuration in force is unchanged")  # noqa: TRY400
+            return
+        listen = config.listen
+        guard = app[GUARD]
+        guard.max_connections, guard.header_timeout = listen.max_connections, listen.header_timeout
+        if tls is not None and listen.tls_cert is not None and listen.tls_key is not None:
+            # New connections get the renewed certificate; open ones keep theirs.
+            await asyncio.to_thread(tls.load_cert_chain, listen.tls_cert, listen.tls_key)
+        log.info("reloaded", restart_needed_for=restart_needed or None)
+    finally:
+        notify(f"READY=1\nSTATUS={status_line(app)}")

@@ -36,9 +36,12 @@ class UpstreamAnswer:
 class UpstreamFailure(Exception):
     """Upstream could not give a usable answer; `status` is what the workstation gets if nothing is kept."""
 
-    def __init__(self, reason: str, *, status: int = 502, upstream_status: int | None = None) -> None:
+    def __init__(
+        self, reason: str, *, kind: str, status: int = 502, upstream_status: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind  # a short word for metrics: timeout, unreachable, tls, http_5xx, invalid, ...
         self.status = status
         self.upstream_status = upstream_status
 
@@ -184,6 +187,7 @@ class Upstream:
             raise UpstreamFailure(
                 f"the licensing service is marked down after repeated failures ({self.breaker.last_failure});"
                 f" next check in {self.breaker.retry_in:.0f} s",
+                kind="breaker_open",
                 status=503,
             )
         try:
@@ -218,24 +222,34 @@ class Upstream:
                 answer_type = response.headers.get("Content-Type", "application/json")
         except TimeoutError as exc:
             raise UpstreamFailure(
-                f"no answer from the licensing service within {self.config.timeout:g} s", status=504
+                f"no answer from the licensing service within {self.config.timeout:g} s",
+                kind="timeout",
+                status=504,
             ) from exc
         except aiohttp.ClientSSLError as exc:
-            raise UpstreamFailure(f"TLS verification of the licensing service failed: {exc}") from exc
+            raise UpstreamFailure(
+                f"TLS verification of the licensing service failed: {exc}", kind="tls"
+            ) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamFailure(f"the licensing service could not be reached: {_describe(exc)}") from exc
+            raise UpstreamFailure(
+                f"the licensing service could not be reached: {_describe(exc)}", kind="unreachable"
+            ) from exc
         latency = time.monotonic() - started
         if 300 <= status < 400:
             raise UpstreamFailure(
                 f"the licensing service answered a redirect ({status}), which is not followed",
+                kind="redirect",
                 upstream_status=status,
             )
         if status >= 500:
-            raise UpstreamFailure(f"the licensing service failed with HTTP {status}", upstream_status=status)
+            raise UpstreamFailure(
+                f"the licensing service failed with HTTP {status}", kind="http_5xx", upstream_status=status
+            )
         parsed = parse_answer(data)
         if parsed is None:
             raise UpstreamFailure(
                 f"the licensing service sent an answer that is not a licensing answer (HTTP {status})",
+                kind="invalid",
                 upstream_status=status,
             )
         return UpstreamAnswer(
@@ -249,7 +263,9 @@ class Upstream:
         while chunk := await response.content.read(_READ_CHUNK):
             size += len(chunk)
             if size > limit:
-                raise UpstreamFailure(f"the licensing service sent an answer larger than {limit} bytes")
+                raise UpstreamFailure(
+                    f"the licensing service sent an answer larger than {limit} bytes", kind="too_large"
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -240,8 +240,8 @@ async def full_disk_daemon(
 
 
 async def health(daemon: Daemon) -> dict[str, Any]:
-    """The daemon's /healthz document."""
-    async with aiohttp.ClientSession() as session, session.get(f"{daemon.base}/healthz") as response:
+    """The daemon's /status document."""
+    async with aiohttp.ClientSession() as session, session.get(f"{daemon.base}/status") as response:
         assert response.status == 200
         result: dict[str, Any] = await response.json()
         return result

@@ -734,7 +734,17 @@ class TestDescribe:
         assert "BEGIN PUBLIC KEY" not in text
         assert summary["public_keys"] == 1
         assert summary["source"] == "built-in defaults + environment"
-        assert summary["listen"] == {"host": "127.0.0.1", "port": 8080, "max_body_bytes": 65536}
+        assert summary["listen"] == {
+            "host": "127.0.0.1",
+            "port": 8080,
+            "max_body_bytes": 65536,
+            "tls_cert": None,
+            "tls_key": None,
+            "allow": [],
+            "max_connections": 4096,
+            "header_timeout": 10.0,
+            "keepalive_timeout": 30.0,
+        }
         assert summary["state_dir"] == str(config.state_dir)
 
 

@@ -1,0 +1,138 @@
+"""Prometheus metrics: one registry per daemon; no license keys, machine codes or addresses as labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from license_server import __version__
+from license_server.audit.writer import AuditState
+from license_server.upstream import BreakerState
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_BREAKER = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+class Metrics:
+    """The counters the daemon updates as it works, and what it reads out at scrape time."""
+
+    def __init__(self, allowed_methods: Iterable[str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._methods = frozenset(allowed_methods)
+        self.calls = Counter(
+            "license_server_calls",
+            "Workstation calls answered, by API method, what the daemon did, and HTTP status.",
+            ["api_method", "action", "status"],
+            registry=self.registry,
+        )
+        self.upstream = Counter(
+            "license_server_upstream_requests",
+            "Calls sent upstream, by outcome (answered, refused, or why it failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "license_server_upstream_latency_seconds",
+            "Time upstream took to answer.",
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "license_server_call_latency_seconds",
+            "The daemon's time to answer a workstation call, upstream included.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        Info("license_server_build", "The daemon's version.", registry=self.registry).info(
+            {"version": __version__}
+        )
+
+    def allow_methods(self, methods: Iterable[str]) -> None:
+        """Follow a reloaded method allowlist for the api_method label."""
+        self._methods = frozenset(methods)
+
+    def method_label(self, method: str | None) -> str:
+        """An API method as a label value: allowlisted methods by name, anything else lumped together."""
+        if method is None:
+            return "not_api"
+        return method if method in self._methods else "other"
+
+    def watch(self, read: Callable[[], Snapshot]) -> None:
+        """Add the gauges read from the running daemon at each scrape."""
+        self.registry.register(_StateCollector(read))
+
+    def render(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class Snapshot:
+    """What a scrape reads from the running daemon."""
+
+    __slots__ = ("audit", "audit_records", "breaker", "kept_answers", "seats_by_product")
+
+    def __init__(
+        self,
+        *,
+        breaker: BreakerState | None,
+        audit: AuditState,
+        audit_records: int,
+        seats_by_product: dict[str, int],
+        kept_answers: int,
+    ) -> None:
+        self.breaker = breaker
+        self.audit = audit
+        self.audit_records = audit_records
+        self.seats_by_product = seats_by_product
+        self.kept_answers = kept_answers
+
+
+class _StateCollector(Collector):
+    """Gauges taken from the daemon's state when Prometheus scrapes."""
+
+    def __init__(self, read: Callable[[], Snapshot]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        state = self._read()
+        breaker = GaugeMetricFamily(
+            "license_server_upstream_breaker_state",
+            "Circuit breaker towards upstream: 0 closed, 1 probing, 2 open; absent in offline mode.",
+        )
+        if state.breaker is not None:
+            breaker.add_metric([], _BREAKER[state.breaker])
+        yield breaker
+        seats = GaugeMetricFamily(
+            "license_server_floating_seats_in_use", "Live floating leases, by product.", labels=["product_id"]
+        )
+        for product, count in sorted(state.seats_by_product.items()):
+            seats.add_metric([product], count)
+        yield seats
+        yield GaugeMetricFamily(
+            "license_server_kept_answers",
+            "Verified upstream answers kept for outages.",
+            value=state.kept_answers,
+        )
+        yield GaugeMetricFamily(
+            "license_server_audit_writable",
+            "1 while the audit trail is being written.",
+            value=int(state.audit.writable),
+        )
+        yield GaugeMetricFamily(
+            "license_server_audit_backlog",
+            "Audit records waiting in memory for the trail.",
+            value=state.audit.backlog,
+        )
+        yield CounterMetricFamily(
+            "license_server_audit_records",
+            "Audit records written since the daemon started.",
+            value=state.audit_records,
+        )
+        yield GaugeMetricFamily(
+            "license_server_audit_sequence",
+            "Sequence number of the newest audit record.",
+            value=state.audit.seq,
+        )
