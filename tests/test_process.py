@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -51,6 +52,8 @@ class DaemonProcess:
             )
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.scheme = "http"
+        self.tls: ssl.SSLContext | None = None
 
     async def start(self) -> None:
         """Start the process and wait until /healthz answers."""
@@ -64,7 +67,7 @@ class DaemonProcess:
             while time.monotonic() < deadline:
                 assert self.proc.poll() is None, self.log_path.read_text()
                 try:
-                    async with session.get(f"{self.base}/healthz") as response:
+                    async with session.get(f"{self.base}/healthz", ssl=self.tls or True) as response:
                         if response.status == 200:
                             return
                 except aiohttp.ClientError:
@@ -85,7 +88,7 @@ class DaemonProcess:
     @property
     def base(self) -> str:
         """Base URL of the daemon."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def log_text(self) -> str:
         """Everything the daemon logged so far."""
