@@ -8,7 +8,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -16,6 +18,7 @@ from blockbuster import BlockBuster, blockbuster_ctx
 from cryptography.hazmat.primitives.asymmetric import rsa
 from licensing.internal import HelperMethods
 from licensing.methods import Key
+from multidict import CIMultiDict
 
 from license_server.app import SERVICES, create_app
 from license_server.config import Config, load_config
@@ -198,6 +201,19 @@ def daemon_factory(
 async def daemon(daemon_factory: Callable[..., Awaitable[Daemon]]) -> Daemon:
     """A daemon with default settings in front of the fake upstream."""
     return await daemon_factory()
+
+
+async def send_form(
+    base: str, path: str, data: bytes | str | dict[str, str], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDict[str], bytes]:
+    """POST a form (an SDK-shaped one by default) to a daemon; status, headers and body."""
+    body = urlencode(data) if isinstance(data, dict) else data
+    headers = headers or {"Content-Type": "application/x-www-form-urlencoded"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(base + path, data=body, headers=headers, allow_redirects=False) as response,
+    ):
+        return response.status, CIMultiDict(response.headers), await response.read()
 
 
 class Workstation:

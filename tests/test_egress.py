@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import Clock, Daemon, Upstream, make_config
+from tests.conftest import Clock, Daemon, Upstream, make_config, send_form
 from tests.test_proxy import activate_form
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -92,15 +92,9 @@ def make_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
 
 async def post_form(base: str, form: dict[str, str]) -> tuple[int, dict[str, object]]:
     """POST an SDK-shaped form to a daemon with a client that ignores proxy variables."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{base}/api/key/activate",
-            data=urlencode(form),
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-        ) as response,
-    ):
-        return response.status, await response.json(content_type=None)
+    status, _, body = await send_form(base, "/api/key/activate", form)
+    answer: dict[str, object] = json.loads(body)
+    return status, answer
 
 
 class TestTls:

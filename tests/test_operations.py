@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import LICENSE, TOKEN, Daemon, Upstream
+from tests.conftest import LICENSE, TOKEN, Daemon, Upstream, send_form
 from tests.test_egress import make_tls
 from tests.test_process import DaemonProcess
 from tests.test_proxy import activate_form, post
@@ -256,13 +256,7 @@ class TestProcessOperations:
                 "the deadline must close a trickling client"
             )
             writer.close()
-        status, _, _ = await post_to(proc.base, activate_form())
+        status, _, _ = await send_form(proc.base, "/api/key/activate", activate_form())
         assert status == 200
         proc.kill(signal.SIGTERM)
         assert await proc.wait() == 0
-
-
-async def post_to(base: str, form: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-    """POST a form to a daemon process."""
-    async with aiohttp.ClientSession() as session, session.post(f"{base}/api/key/activate", data=form) as r:
-        return r.status, dict(r.headers), await r.read()

@@ -15,7 +15,17 @@ from licensing.methods import Helpers
 from multidict import CIMultiDict
 
 from license_server.app import SERVICES
-from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, TOKEN, Clock, Daemon, Upstream, Workstation
+from tests.conftest import (
+    LICENSE,
+    OTHER_LICENSE,
+    PRODUCT,
+    TOKEN,
+    Clock,
+    Daemon,
+    Upstream,
+    Workstation,
+    send_form,
+)
 
 MakeWorkstation = Callable[..., Workstation]
 DaemonFactory = Callable[..., Awaitable[Daemon]]
@@ -58,13 +68,7 @@ async def post(
     daemon: Daemon, path: str, data: bytes | str | dict[str, str], headers: dict[str, str] | None = None
 ) -> tuple[int, CIMultiDict[str], bytes]:
     """POST to the daemon (an SDK-shaped form by default) and return status, headers and body."""
-    body = urlencode(data) if isinstance(data, dict) else data
-    headers = headers or {"Content-Type": "application/x-www-form-urlencoded"}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(daemon.base + path, data=body, headers=headers, allow_redirects=False) as response,
-    ):
-        return response.status, CIMultiDict(response.headers), await response.read()
+    return await send_form(daemon.base, path, data, headers)
 
 
 class TestForwarding:

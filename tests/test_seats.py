@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from license_server.cli import main
 from license_server.seats import LIMIT_REACHED, SeatLedger
-from tests.conftest import PRODUCT, Clock, Daemon, Upstream, Workstation
+from tests.conftest import PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
 from tests.test_proxy import activate_form
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
@@ -153,16 +153,9 @@ async def post_activation(
 ) -> dict[str, Any]:
     """A floating activation as the SDK sends it, answered by the daemon."""
     form = activate_form(machine=machine, key=key, FloatingTimeInterval=str(interval))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{daemon.base}/api/key/activate",
-            data=urlencode(form),
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-        ) as response,
-    ):
-        result: dict[str, Any] = await response.json(content_type=None)
-        return result
+    _, _, body = await send_form(daemon.base, "/api/key/activate", form)
+    answer: dict[str, Any] = json.loads(body)
+    return answer
 
 
 @pytest.fixture
