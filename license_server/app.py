@@ -17,8 +17,9 @@ from license_server.audit.writer import AuditLog
 from license_server.cache import AnswerCache
 from license_server.config import MAX_BODY_BYTES, Config
 from license_server.handlers import handle
-from license_server.keys import CLOCK, CONFIG, GUARD, LEASE_CLOCK, SERVICES, Services
+from license_server.keys import CALL_LINE, CLOCK, CONFIG, GUARD, LEASE_CLOCK, SERVICES, Services
 from license_server.license_files import LicenseFiles
+from license_server.logs import CallLine, structlog_call_line
 from license_server.metrics import Metrics, Snapshot
 from license_server.proxy import Licensing
 from license_server.seats import BootClock, LeaseClock, SeatLedger
@@ -194,13 +195,18 @@ async def reload(app: web.Application, config: Config) -> list[str]:
 
 
 def create_app(
-    config: Config, *, clock: Callable[[], float] = time.time, lease_clock: LeaseClock | None = None
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    lease_clock: LeaseClock | None = None,
+    call_line: CallLine = structlog_call_line,
 ) -> web.Application:
     """Build the workstation-facing application (tests pass their own wall and lease clocks)."""
     # The body limit is enforced per call from the configuration in force, which a reload may raise.
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[CLOCK] = clock
+    app[CALL_LINE] = call_line
     if lease_clock is not None:
         app[LEASE_CLOCK] = lease_clock
     app.cleanup_ctx.append(_services_ctx)

@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging = logs.configure(config.log.level, config.log.format)
     try:
-        asyncio.run(serve(config, load=lambda: _load(args)))
+        asyncio.run(serve(config, load=lambda: _load(args), call_line=logging.call_line))
     except (OSError, StateInUseError) as exc:
         print(f"license-server: cannot start: {exc}", file=sys.stderr)
         return 1

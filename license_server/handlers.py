@@ -14,7 +14,7 @@ from license_server import __version__
 from license_server.audit.chain import CALL, utc_now_text
 from license_server.audit.writer import AuditUnavailableError
 from license_server.config import IPNetwork
-from license_server.keys import CONFIG, GUARD, SERVICES, Services
+from license_server.keys import CALL_LINE, CONFIG, GUARD, SERVICES, Services
 from license_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from license_server.protocol import Call, RequestError, normalise_path, parse_fields
 from license_server.proxy import Outcome
@@ -139,20 +139,21 @@ def _log_call(
     request: web.Request, request_id: str, method: str | None, outcome: Outcome, elapsed: float
 ) -> None:
     """One canonical line per call; never the token or the query string."""
-    log.info(
-        "call",
-        request_id=request_id,
-        client=request.remote,
-        http_method=request.method,
-        api_method=method,
-        action=outcome.action.value,
-        status=outcome.status,
-        upstream_status=outcome.upstream_status,
-        result=outcome.result,
-        message=outcome.message or None,
-        failure=outcome.failure,
-        age_s=None if outcome.age is None else round(outcome.age),
-        ms=round(elapsed * 1000, 2),
+    request.app[CALL_LINE](
+        {
+            "request_id": request_id,
+            "client": request.remote,
+            "http_method": request.method,
+            "api_method": method,
+            "action": outcome.action.value,
+            "status": outcome.status,
+            "upstream_status": outcome.upstream_status,
+            "result": outcome.result,
+            "message": outcome.message or None,
+            "failure": outcome.failure,
+            "age_s": None if outcome.age is None else round(outcome.age),
+            "ms": round(elapsed * 1000, 2),
+        }
     )
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from license_server.audit.writer import AuditLog
 from license_server.config import Config
 from license_server.listener import ConnectionGuard
+from license_server.logs import CallLine
 from license_server.metrics import Metrics
 from license_server.proxy import Licensing
 from license_server.seats import LeaseClock
@@ -52,3 +53,4 @@ SERVICES = web.AppKey("services", Services)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 LEASE_CLOCK: web.AppKey[LeaseClock] = web.AppKey("lease_clock")
 GUARD = web.AppKey("guard", ConnectionGuard)
+CALL_LINE: web.AppKey[CallLine] = web.AppKey("call_line")

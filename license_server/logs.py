@@ -10,11 +10,32 @@ import logging
 import logging.handlers
 import queue
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+CALL_LOGGER = "license_server.calls"
+CallLine = Callable[[dict[str, Any]], None]
+
+
+def structlog_call_line(fields: dict[str, Any]) -> None:
+    """Log one call's canonical line through structlog (the console renderer, and tests)."""
+    structlog.get_logger(CALL_LOGGER).info("call", **fields)
+
+
+class _Formatter(structlog.stdlib.ProcessorFormatter):
+    """structlog's formatter, passing through call lines that were rendered when they were logged."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "rendered", False):
+            return str(record.msg)
+        return super().format(record)
 
 
 class _PassThroughQueueHandler(logging.handlers.QueueHandler):
@@ -27,8 +48,28 @@ class _PassThroughQueueHandler(logging.handlers.QueueHandler):
 class Logging:
     """The configured logging of one daemon run; `close` flushes what is queued."""
 
-    def __init__(self, listener: logging.handlers.QueueListener) -> None:
+    def __init__(
+        self, listener: logging.handlers.QueueListener, records: queue.SimpleQueue[Any], as_json: bool
+    ) -> None:
         self._listener = listener
+        self._records = records
+        self._calls = logging.getLogger(CALL_LOGGER)
+        self.call_line: CallLine = self._json_call_line if as_json else structlog_call_line
+
+    def _json_call_line(self, fields: dict[str, Any]) -> None:
+        """The call line in the same JSON as every other line, rendered with orjson: it is the hot path."""
+        if not self._calls.isEnabledFor(logging.INFO):
+            return
+        line = {
+            **fields,
+            "event": "call",
+            "level": "info",
+            "logger": CALL_LOGGER,
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        record = logging.LogRecord(CALL_LOGGER, logging.INFO, "", 0, orjson.dumps(line).decode(), None, None)
+        record.rendered = True
+        self._records.put(record)
 
     def set_level(self, level: str) -> None:
         """Change the level while running (a reload)."""
@@ -56,7 +97,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    formatter = structlog.stdlib.ProcessorFormatter(
+    formatter = _Formatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -74,4 +115,4 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     # aiohttp's access log prints query strings, where Node SDK users put their token: it stays off.
     logging.getLogger("aiohttp.access").disabled = True
     listener.start()
-    return Logging(listener)
+    return Logging(listener, records, as_json)

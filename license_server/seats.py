@@ -25,6 +25,7 @@ log = structlog.get_logger(__name__)
 LIMIT_REACHED = "Cannot activate the new device as the limit has been reached."
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _HOUR = 3600
+_SEEN_FLUSH_EVERY = 1.0  # seconds calls are summed in memory before they are written
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS licenses (
@@ -130,6 +131,19 @@ class _Row(NamedTuple):
 
 
 @dataclass(slots=True)
+class _Seen:
+    """A machine's calls since the last flush."""
+
+    friendly_name: str
+    client: str
+    floating: bool
+    first_seen: float
+    last_seen: float
+    calls: int
+    activated: bool
+
+
+@dataclass(slots=True)
 class Lease:
     """A live floating seat."""
 
@@ -156,6 +170,9 @@ class SeatLedger:
         self._live: dict[License, dict[str, Lease]] = {}
         self._limits: dict[License, int] = {}
         self._next_id = 1
+        self._seen: dict[tuple[str, str, str], _Seen] = {}
+        self._activity: dict[tuple[str, str, int, str], list[int]] = {}  # -> [calls, floating]
+        self._flush_scheduled = False
 
     async def open(self) -> int:
         """Open the ledger and load limits and live leases; returns how many leases are live."""
@@ -204,6 +221,7 @@ class SeatLedger:
 
     async def close(self) -> None:
         """Flush and close the ledger."""
+        self._flush_seen()
         await self.db.close()
 
     # -- what the daemon asks ----------------------------------------------------------------------
@@ -267,6 +285,7 @@ class SeatLedger:
 
     def released(self, license: License, machine: str) -> asyncio.Future[None]:
         """A deactivation passed through: the machine's seat is free, floating or node-locked."""
+        self._flush_seen()  # calls seen before it are written before it, so they cannot undo it
         now = self.clock()
         lease = self.live(license).get(machine)
         if lease is not None:
@@ -303,25 +322,69 @@ class SeatLedger:
         floating: bool,
         activated: bool,
     ) -> None:
-        """A machine called: remember its name, address and time; an activation also clears a deactivation."""
+        """A machine called: remember its name, address and time; an activation also clears a deactivation.
+
+        Calls are summed in memory and written about once a second: a busy machine costs one row update
+        per flush, not one per call. A killed daemon loses at most that second of counts (the audit trail
+        has every call); leases are written at once.
+        """
         now = self.clock()
         product, key = license
+        pending = self._seen.get((product, key, machine))
+        if pending is None:
+            self._seen[(product, key, machine)] = _Seen(
+                friendly_name, client, floating, now, now, 1, activated
+            )
+        else:
+            pending.friendly_name = friendly_name or pending.friendly_name
+            pending.client, pending.floating, pending.last_seen = client, floating, now
+            pending.calls += 1
+            pending.activated = pending.activated or activated
         hour = int(now // _HOUR * _HOUR)
+        counts = self._activity.setdefault((product, key, hour, machine), [0, 0])
+        counts[0] += 1
+        counts[1] = max(counts[1], int(floating))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(_SEEN_FLUSH_EVERY, self._flush_seen)
+
+    def _flush_seen(self) -> None:
+        """Queue the summed calls for writing."""
+        self._flush_scheduled = False
+        machines, self._seen = self._seen, {}
+        activity, self._activity = self._activity, {}
+        if not machines and not activity:
+            return
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, NULL)"
+            db.executemany(
+                "INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
                 " ON CONFLICT DO UPDATE SET"
                 " friendly_name = CASE WHEN excluded.friendly_name = '' THEN friendly_name"
                 "   ELSE excluded.friendly_name END,"
                 " client = excluded.client, floating = excluded.floating, last_seen = excluded.last_seen,"
-                " calls = calls + 1, deactivated = CASE WHEN ? THEN NULL ELSE deactivated END",
-                (product, key, machine, friendly_name, client, int(floating), now, now, activated),
+                " calls = calls + excluded.calls, deactivated = CASE WHEN ? THEN NULL ELSE deactivated END",
+                [
+                    (
+                        p,
+                        k,
+                        m,
+                        s.friendly_name,
+                        s.client,
+                        int(s.floating),
+                        s.first_seen,
+                        s.last_seen,
+                        s.calls,
+                        s.activated,
+                    )
+                    for (p, k, m), s in machines.items()
+                ],
             )
-            db.execute(
-                "INSERT INTO activity VALUES (?, ?, ?, ?, ?, 1)"
-                " ON CONFLICT DO UPDATE SET calls = calls + 1, floating = max(floating, excluded.floating)",
-                (product, key, hour, machine, int(floating)),
+            db.executemany(
+                "INSERT INTO activity VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET calls = calls + excluded.calls,"
+                " floating = max(floating, excluded.floating)",
+                [(p, k, hour, m, floating, calls) for (p, k, hour, m), (calls, floating) in activity.items()],
             )
 
         self.db.write(write)

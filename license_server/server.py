@@ -16,6 +16,7 @@ from aiohttp import web
 from license_server.app import GUARD, SERVICES, create_app, reload
 from license_server.config import Config, ConfigError, describe
 from license_server.listener import ConnectionGuard, GuardedSite, tls_context
+from license_server.logs import CallLine, structlog_call_line
 from license_server.signatures import KeyFormatError
 
 log = structlog.get_logger(__name__)
@@ -69,13 +70,15 @@ async def _heartbeat(app: web.Application) -> None:
         notify(f"STATUS={status_line(app)}" + ("\nWATCHDOG=1" if watchdog else ""))
 
 
-async def serve(config: Config, *, load: Callable[[], Config] | None = None) -> None:
+async def serve(
+    config: Config, *, load: Callable[[], Config] | None = None, call_line: CallLine = structlog_call_line
+) -> None:
     """Run until SIGTERM or SIGINT; then stop accepting, finish calls in flight, flush state.
 
-    `load` re-reads the configuration on SIGHUP.
+    `load` re-reads the configuration on SIGHUP; `call_line` writes the one log line per call.
     """
     log.info("starting", **describe(config))
-    app = create_app(config)
+    app = create_app(config, call_line=call_line)
     # access_log=None: aiohttp's access log prints query strings, which may carry a token.
     runner = web.AppRunner(
         app,
