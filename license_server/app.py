@@ -210,7 +210,8 @@ def create_app(
     if lease_clock is not None:
         app[LEASE_CLOCK] = lease_clock
     app.cleanup_ctx.append(_services_ctx)
-    app.router.add_route("*", "/{tail:.*}", handle)
+    # [\s\S] rather than ".": a path with an encoded newline must reach the handler too, to get JSON.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
     return app
 
 

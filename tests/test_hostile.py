@@ -1,0 +1,128 @@
+"""Hostile input on the workstation port: no open proxy, no path tricks, the C HTTP parser in charge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+from aiohttp import http_parser
+
+from tests.conftest import Daemon, Upstream
+from tests.test_proxy import activate_form
+
+FORM = "&".join(f"{k}={v}" for k, v in activate_form().items())
+
+
+async def raw(daemon: Daemon, request: bytes) -> tuple[int, bytes]:
+    """Send raw bytes to the daemon; the status code and body of its first answer (0 if it just closed)."""
+    assert daemon.server is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.server.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        except asyncio.IncompleteReadError:
+            return 0, b""
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
+        }
+        length = int(headers.get("content-length", "0"))
+        body = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+        return int(lines[0].split(" ", 2)[1]), body
+    finally:
+        writer.close()
+
+
+def post_request(target: str, host: str = "127.0.0.1", body: str = FORM) -> bytes:
+    """A complete POST request with a form body, closing the connection after it."""
+    return (
+        f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+    ).encode()
+
+
+class TestParser:
+    """The C HTTP parser handles requests: the pure-Python one had several request-smuggling CVEs."""
+
+    def test_c_parser_in_use(self) -> None:
+        """aiohttp's request parser is the compiled one, and nothing turned the extensions off."""
+        assert os.environ.get("AIOHTTP_NO_EXTENSIONS", "") == ""
+        assert http_parser.HttpRequestParser is http_parser.HttpRequestParserC  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize(
+        "request_bytes",
+        [
+            # Content-Length and Transfer-Encoding together
+            b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            # two different Content-Lengths
+            b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Content-Length: 5\r\n\r\nabcde",
+            # chunked not last
+            b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n"
+            b"\r\n0\r\n\r\n",
+            # obsolete line folding
+            b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n",
+            # a NUL in a header
+            b"POST /api/key/activate HTTP/1.1\r\nHost: x\x00y\r\nContent-Length: 0\r\n\r\n",
+        ],
+    )
+    async def test_smuggling_refused(self, daemon: Daemon, upstream: Upstream, request_bytes: bytes) -> None:
+        """Ambiguous framing is refused with 400 and never reaches upstream."""
+        status, _ = await raw(daemon, request_bytes)
+        assert status in (0, 400)
+        assert upstream.fake.calls == []
+
+
+class TestNoOpenProxy:
+    """Whatever the request names, the only peer ever contacted is the configured upstream."""
+
+    async def test_absolute_form_target(self, daemon: Daemon, upstream: Upstream) -> None:
+        """`POST http://evil.example/api/...` is answered as a call to the configured upstream."""
+        status, body = await raw(
+            daemon, post_request("http://evil.example/api/key/activate", host="evil.example")
+        )
+        assert status == 200
+        assert json.loads(body)["result"] == 0
+        assert len(upstream.fake.calls) == 1
+        assert upstream.fake.calls[0].headers["Host"].startswith("127.0.0.1")
+
+    async def test_connect_refused(self, daemon: Daemon, upstream: Upstream) -> None:
+        """CONNECT never opens a tunnel."""
+        status, _ = await raw(daemon, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n")
+        assert status in (0, 400, 404, 405)
+        assert upstream.fake.calls == []
+
+    @pytest.mark.parametrize(
+        "target",
+        [
+            "//evil.example/api/key/activate",
+            "/api/key/%2e%2e/activate",
+            "/api/key/..%2factivate",
+            "/api/key/activate%0d%0aX-Injected:%201",
+            "/api/key/activate%00",
+            "/api/../../etc/passwd",
+            "/api/key/activate@evil.example",
+        ],
+    )
+    async def test_path_tricks(self, daemon: Daemon, upstream: Upstream, target: str) -> None:
+        """Encoded dots, CR/LF, NUL and user-info in the path are refused as JSON and go nowhere."""
+        status, body = await raw(daemon, post_request(target))
+        assert status in (400, 404)
+        if status == 404:
+            assert json.loads(body)["result"] == 1
+        assert upstream.fake.calls == []
+
+    async def test_upgrade_not_tunnelled(self, daemon: Daemon, upstream: Upstream) -> None:
+        """An Upgrade request is answered as a plain call; no WebSocket or h2c tunnel is opened."""
+        request = post_request("/api/key/activate").replace(
+            b"Connection: close", b"Connection: Upgrade, close\r\nUpgrade: websocket"
+        )
+        status, body = await raw(daemon, request)
+        assert status == 200
+        assert json.loads(body)["result"] == 0
+        assert "upgrade" not in {name.lower() for name in upstream.fake.calls[0].headers}
