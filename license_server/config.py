@@ -518,6 +518,44 @@ class AuditConfig:
     checkpoint_interval: float = field(default=300.0, metadata=_rule(_duration(zero_allowed=False)))
 
 
+def _label(value: object, origin: _Origin) -> str | None:
+    """A short printable name for the audit trail, or None when unset."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _BadValueError(f"expected a short name like it-helpdesk, got {_shown(value)}")
+    label = value.strip()
+    if len(label) > 64 or not label.isprintable():
+        raise _BadValueError(f"expected at most 64 printable characters, got {_shown(value)}")
+    return label
+
+
+@dataclass(frozen=True, slots=True)
+class AdminListenConfig:
+    """Where the admin console listens: never the workstation port, loopback unless told otherwise."""
+
+    host: str = field(default="127.0.0.1", metadata=_rule(_host, text=True))
+    port: int = field(default=8081, metadata=_rule(_whole(0, 65535)))  # 0 = any free port (tests)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin console: its listener, the admins' credential and the upstream token it acts with."""
+
+    listen: AdminListenConfig = AdminListenConfig()
+    # file holding the admins' token; null: $CREDENTIALS_DIRECTORY/admin-token, else no console
+    token_file: Path | None = field(default=None, metadata=_rule(_existing_file, text=True))
+    # file holding the upstream access token used for Deactivate and Activate; null:
+    # $CREDENTIALS_DIRECTORY/upstream-token, else those actions answer an error
+    upstream_token_file: Path | None = field(default=None, metadata=_rule(_existing_file, text=True))
+    # who the audit trail names for an admin who gives no name at login (beside address and session)
+    label: str | None = field(default=None, metadata=_rule(_label, text=True))
+    # a console login lasts this long
+    session_lifetime: float = field(default=8 * 3600.0, metadata=_rule(_duration(zero_allowed=False)))
+    # machines unseen for this many days are highlighted as idle
+    idle_days: int = field(default=30, metadata=_rule(_whole(1, 36500)))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the daemon is told, checked and resolved; build it with `load_config`."""
@@ -531,6 +569,7 @@ class Config:
     keep: KeepConfig = KeepConfig()
     log: LogConfig = LogConfig()
     audit: AuditConfig = AuditConfig()
+    admin: AdminConfig = AdminConfig()
     shutdown_timeout: float = field(default=10.0, metadata=_rule(_duration(zero_allowed=False)))
     # where the settings came from, e.g. "/etc/license-server/config.yaml + environment"
     source: str = "built-in defaults"
@@ -807,6 +846,12 @@ def load_config(
     if (config.listen.tls_cert is None) != (config.listen.tls_key is None):
         missing = "listen.tls_key" if config.listen.tls_key is None else "listen.tls_cert"
         raise ConfigError(f"{missing}: TLS needs both listen.tls_cert and listen.tls_key", key=missing)
+    if config.admin.listen.port != 0 and config.admin.listen.port == config.listen.port:
+        raise ConfigError(
+            f"admin.listen.port: the admin console never shares the workstation port {config.listen.port};"
+            " choose another port",
+            key="admin.listen.port",
+        )
     breaker = config.upstream.breaker
     if breaker.max_reset_after < breaker.reset_after:
         raise ConfigError(

@@ -13,8 +13,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from license_server.admin.app import AdminServer, start_admin
 from license_server.app import GUARD, SERVICES, create_app, reload
-from license_server.config import Config, ConfigError, describe
+from license_server.config import AdminConfig, Config, ConfigError, describe
 from license_server.listener import ConnectionGuard, GuardedSite, tls_context
 from license_server.logs import CallLine, structlog_call_line
 from license_server.signatures import KeyFormatError
@@ -107,9 +108,10 @@ async def serve(
 
     def on_hup() -> None:
         if load is not None:
-            spawn(_reload(app, load, tls))
+            spawn(_reload(app, load, tls, config.admin))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    admin: AdminServer | None = None
     try:
         site = GuardedSite(
             runner,
@@ -122,6 +124,7 @@ async def serve(
         scheme = "https" if tls else "http"
         for host, port in site.bound:
             log.info("listening", address=f"{scheme}://{host}:{port}/api/")
+        admin = await start_admin(app[SERVICES], config.admin, shutdown_timeout=config.shutdown_timeout)
         notify(f"READY=1\nSTATUS={status_line(app)}")
         spawn(_heartbeat(app))
         await stop.wait()
@@ -131,19 +134,28 @@ async def serve(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if admin is not None:  # first: admin actions use the services the workstation side closes
+            await admin.stop()
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")
 
 
-async def _reload(app: web.Application, load: Callable[[], Config], tls: ssl.SSLContext | None) -> None:
-    """SIGHUP: read the configuration again and apply it; a bad one is refused and the old one stays."""
+async def _reload(
+    app: web.Application, load: Callable[[], Config], tls: ssl.SSLContext | None, admin: AdminConfig
+) -> None:
+    """SIGHUP: read the configuration again and apply it; a bad one is refused and the old one stays.
+
+    `admin` is the console's configuration it was started with: changing it needs a restart.
+    """
     notify("RELOADING=1")
     try:
         try:
             config = await asyncio.to_thread(load)
             restart_needed = await reload(app, config)
+            if config.admin != admin:
+                restart_needed.append("admin")
         except (ConfigError, KeyFormatError, OSError) as exc:
             log.error("reload_refused", error=str(exc), detail="the configuration in force is unchanged")  # noqa: TRY400
             return

@@ -66,6 +66,8 @@ class Breaker:
         self._open_until = 0.0
         self.last_success: float | None = None  # wall-clock time, for status pages
         self.last_failure: str | None = None
+        # wall-clock time upstream last went down or came back (or the daemon started), for status pages
+        self.changed_at = time.time()
 
     def allow(self) -> bool:
         """Whether a call may go upstream now; an open breaker lets one probe through once its delay is up."""
@@ -80,6 +82,7 @@ class Breaker:
         """Record a usable answer: close the breaker."""
         if self.state is not BreakerState.CLOSED:
             log.info("upstream_recovered")
+            self.changed_at = time.time()
         self.state = BreakerState.CLOSED
         self._failures = 0
         self._delay = self._config.reset_after
@@ -103,6 +106,8 @@ class Breaker:
             self._open_until = self._clock()
 
     def _open(self, reason: str) -> None:
+        if self.state is BreakerState.CLOSED:
+            self.changed_at = time.time()
         self.state = BreakerState.OPEN
         self._open_until = self._clock() + self._delay
         log.warning("upstream_down", reason=reason, retry_in_s=round(self._delay, 3))

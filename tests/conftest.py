@@ -20,8 +20,12 @@ from licensing.internal import HelperMethods
 from licensing.methods import Key
 from multidict import CIMultiDict
 
+from license_server.admin.app import create_admin_app
+from license_server.admin.credentials import Secret
+from license_server.admin.keys import Assets
 from license_server.app import SERVICES, create_app
-from license_server.config import Config, load_config
+from license_server.config import AdminConfig, Config, load_config
+from tests.admin_support import ADMIN_TOKEN, UPSTREAM_TOKEN, Admin
 from tests.fake_upstream import FakeCryptolens, generate_key
 
 TOKEN = "good-token"
@@ -268,3 +272,34 @@ def workstation(daemon: Daemon, upstream: Upstream) -> Callable[..., Workstation
         return Workstation(lambda: daemon.api, upstream.fake.public_key_xml, machine, token)
 
     return make
+
+
+@pytest.fixture
+def admin_factory(
+    daemon: Daemon, upstream: Upstream, aiohttp_server: ServerFactory, clock: Clock
+) -> Callable[..., Awaitable[Admin]]:
+    """Serve the admin console over the test daemon; the fake upstream accepts the console's token."""
+
+    async def start(
+        *, upstream_token: str | None = UPSTREAM_TOKEN, settings: AdminConfig | None = None
+    ) -> Admin:
+        if upstream_token is not None:
+            upstream.fake.tokens.add(upstream_token)
+        assets = await asyncio.to_thread(Assets.load)
+        app = create_admin_app(
+            daemon.app[SERVICES],
+            settings or AdminConfig(),
+            Secret(ADMIN_TOKEN),
+            None if upstream_token is None else Secret(upstream_token),
+            assets,
+            clock=clock,
+        )
+        return Admin(await aiohttp_server(app, host="127.0.0.1"))
+
+    return start
+
+
+@pytest.fixture
+async def admin(admin_factory: Callable[..., Awaitable[Admin]]) -> Admin:
+    """The admin console with default settings over the test daemon."""
+    return await admin_factory()

@@ -252,9 +252,11 @@ class TestProcessOperations:
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["result"] == 1
         for reader, writer in trickling:
             writer.write(b"X-Slow: 1\r\n")
-            assert await asyncio.wait_for(reader.read(), 5) == b"", (
-                "the deadline must close a trickling client"
-            )
+            try:
+                rest = await asyncio.wait_for(reader.read(), 5)
+            except ConnectionResetError:  # closed while the last bytes were on their way: closed all the same
+                rest = b""
+            assert rest == b"", "the deadline must close a trickling client"
             writer.close()
         status, _, _ = await send_form(proc.base, "/api/key/activate", activate_form())
         assert status == 200

@@ -1,0 +1,181 @@
+"""Who may use the console: a bearer token or a login session on every route, CSRF on every change.
+
+Public are only the login form, the stylesheet it needs, and the monitoring endpoints that the workstation
+port serves without a credential too. Everything else, including paths that do not exist, answers 401
+without a credential, so a route cannot be added unprotected by forgetting a check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from license_server.admin.html import hidden
+from license_server.admin.keys import ADMIN_TOKEN, ASSETS, CONSOLE, PRINCIPAL, SESSIONS, SETTINGS, Principal
+from license_server.admin.render import error, is_api, page
+from license_server.admin.sessions import COOKIE, Session, Sessions
+
+PUBLIC_ROUTES = frozenset({"login_form", "login", "stylesheet", "healthz", "readyz", "status", "metrics"})
+CSRF_HEADER = "X-CSRF-Token"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_FORM = "application/x-www-form-urlencoded"
+_MAX_WHO = 64
+_HEADERS = {
+    # No script, no framing, nothing from elsewhere: the console works without internet and is not embeddable.
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self';"
+    " frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Require a credential (and a CSRF token for changes made with a session); add security headers."""
+    try:
+        response = await _checked(request, handler)
+    except web.HTTPException as exc:  # the router's 404 and 405, and aiohttp's 413
+        if exc.status < 400:
+            raise
+        response = error(request, exc.status, exc.reason)
+    response.headers.update(_HEADERS)
+    return response
+
+
+async def _checked(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's answer once the request is allowed, else the refusal."""
+    route = request.match_info.route
+    if route.name in PUBLIC_ROUTES:
+        return await handler(request)
+    principal = _bearer(request)
+    if principal is None:
+        session = request.app[SESSIONS].find(request.cookies.get(COOKIE))
+        if session is None:
+            return unauthorized(request)
+        principal = Principal(session.who, request.remote or "", session)
+        if request.method not in _SAFE_METHODS and not await _csrf_ok(
+            request, request.app[SESSIONS], session
+        ):
+            return error(
+                request,
+                403,
+                "This change did not come from a page of this console (no valid CSRF token);"
+                " reload the page and try again.",
+            )
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+def _bearer(request: web.Request) -> Principal | None:
+    """The API caller, when the request carries the admin token as `Authorization: Bearer`."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not request.app[ADMIN_TOKEN].matches(given.strip()):
+        return None
+    label = request.app[SETTINGS].label or "admin"
+    return Principal(label, request.remote or "", None)
+
+
+async def _csrf_ok(request: web.Request, sessions: Sessions, session: Session) -> bool:
+    """Whether a change made with a session cookie carries the session's CSRF token (header or form)."""
+    given = request.headers.get(CSRF_HEADER)
+    if given is None and request.content_type == _FORM:
+        value = (await request.post()).get("csrf")
+        given = value if isinstance(value, str) else None
+    return sessions.csrf_ok(session, given)
+
+
+def unauthorized(request: web.Request, message: str = "") -> web.Response:
+    """401: JSON with a Bearer challenge for the API, the login form for a browser."""
+    if is_api(request):
+        response = error(request, 401, "Send the admin token as 'Authorization: Bearer <token>'.")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="license-server admin"'
+        return response
+    target = request.path_qs if request.method == "GET" else "/"
+    return login_page(request, message, target, status=401)
+
+
+def login_page(request: web.Request, message: str, target: str, *, status: int) -> web.Response:
+    """The login form."""
+    templates = request.app[ASSETS].templates
+    flash = templates.render("flash", kind="error", message=message) if message else ""
+    content = templates.render("login", flash=flash, next=hidden({"next": _local(target)}))
+    return page(request, "Log in", content, status=status)
+
+
+async def login_form(request: web.Request) -> web.Response:
+    """GET /login: the form."""
+    return login_page(request, "", request.query.get("next", "/"), status=200)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """POST /login: the right token starts a session (cookie); a wrong one is recorded and refused."""
+    if request.content_type != _FORM:
+        return error(request, 415, f"Send the login form as {_FORM}.")
+    form = await request.post()
+    token, name, target = (form.get(field) for field in ("token", "name", "next"))
+    client = request.remote or ""
+    who = _who(name) or request.app[SETTINGS].label or "admin"
+    console = request.app[CONSOLE]
+    if not isinstance(token, str) or not request.app[ADMIN_TOKEN].matches(token):
+        await console.record({"actor": f"{who}@{client}#-", "client": client, "session": "-"}, "login_failed")
+        return login_page(
+            request, "That is not the admin token.", target if isinstance(target, str) else "/", status=401
+        )
+    sessions = request.app[SESSIONS]
+    session, cookie = sessions.create(who, client)
+    await console.record(Principal(who, client, session).fields(), "login")
+    response = see_other(_local(target if isinstance(target, str) else "/"))
+    response.set_cookie(
+        COOKIE,
+        cookie,
+        httponly=True,
+        samesite="Strict",
+        path="/",
+        max_age=int(request.app[SETTINGS].session_lifetime),
+        secure=request.secure,
+    )
+    return response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    """POST /logout: end the session."""
+    principal = request[PRINCIPAL]
+    if principal.session is not None:
+        request.app[SESSIONS].end(principal.session)
+    await request.app[CONSOLE].record(principal.fields(), "logout")
+    response = see_other("/login")
+    response.del_cookie(COOKIE, path="/")
+    return response
+
+
+def see_other(location: str) -> web.Response:
+    """303: go on to another page of the console with a GET."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _who(name: object) -> str:
+    """The name an admin typed at login, made safe for the trail: printable, short; "" if none."""
+    if not isinstance(name, str):
+        return ""
+    cleaned = "".join(char for char in name.strip() if char.isprintable() and char not in "@#")
+    return cleaned[:_MAX_WHO]
+
+
+def _local(target: str) -> str:
+    """A path on this console to go to after login; anything else (another site) becomes "/"."""
+    parts = urlsplit(target)
+    if (
+        parts.scheme
+        or parts.netloc
+        or not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+    ):
+        return "/"
+    return target

@@ -1,0 +1,115 @@
+"""What the pages and the API both show, read from the running daemon without blocking its event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from license_server.admin.keys import CONSOLE, NOW, SETTINGS, VERIFIER
+from license_server.admin.ledger import MachineList, find_machines, licenses
+from license_server.admin.trail import MAX_PAGE, PER_PAGE, Page, query_from, read_page
+from license_server.audit.chain import utc_now_text
+from license_server.handlers import status_document
+from license_server.keys import Services
+
+DAY = 86400
+PERIODS = (7, 30, 90, 365)  # days the licenses page offers
+MAX_MACHINES = 500
+
+
+class BadQueryError(ValueError):
+    """A query field an admin must correct."""
+
+
+def services_of(request: web.Request) -> Services:
+    """The running daemon's services."""
+    return request.app[CONSOLE].services
+
+
+async def status(request: web.Request) -> dict[str, Any]:
+    """The daemon's status document plus since when upstream is up or down, and what the console can do."""
+    services = services_of(request)
+    document = status_document(services)
+    upstream = services.upstream
+    upstream_doc = document["upstream"]
+    assert isinstance(upstream_doc, dict)
+    upstream_doc["since"] = None if upstream is None else utc_now_text(upstream.breaker.changed_at)
+    verification = await request.app[VERIFIER].current()
+    document["audit_chain"] = verification.as_json()
+    document["console"] = {
+        "can_act": request.app[CONSOLE].can_act,
+        "vendor_keys": len(services.licensing.keyring),
+        "idle_days": request.app[SETTINGS].idle_days,
+    }
+    return document
+
+
+def period(value: str | None) -> int:
+    """Days of a licenses period from a query field (30 when absent)."""
+    if value is None or value == "":
+        return 30
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 3650:
+        raise BadQueryError("days: expected a number of days between 1 and 3650")
+    return int(value)
+
+
+async def license_list(request: web.Request, days: int) -> dict[str, Any]:
+    """Every license: seats in use against the limit, machines, the period's peak and denials."""
+    services = services_of(request)
+    now = request.app[NOW]()
+    ledger = services.licensing.seats
+    await ledger.db.flush()
+    rows, _ = await asyncio.to_thread(
+        licenses, ledger.db.path, since=now - days * DAY, until=now, in_use=ledger.in_use()
+    )
+    return {
+        "days": days,
+        "since": utc_now_text(now - days * DAY),
+        "until": utc_now_text(now),
+        "licenses": rows,
+    }
+
+
+def flag(value: str | None) -> bool:
+    """A query field meaning yes (1, true, on, yes)."""
+    return (value or "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def limit(value: str | None, default: int, most: int) -> int:
+    """A count from a query field, within 1..most."""
+    if value is None or value == "":
+        return default
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= most:
+        raise BadQueryError(f"expected a whole number between 1 and {most}, got {value[:20]!r}")
+    return int(value)
+
+
+async def machine_list(request: web.Request, text: str, *, idle_only: bool, most: int) -> MachineList:
+    """Machines matching a search across all licenses, each marked idle or not."""
+    services = services_of(request)
+    ledger = services.licensing.seats
+    await ledger.db.flush()
+    return await asyncio.to_thread(
+        find_machines,
+        ledger.db.path,
+        text=text,
+        idle_only=idle_only,
+        idle_days=request.app[SETTINGS].idle_days,
+        now=request.app[NOW](),
+        limit=most,
+    )
+
+
+async def audit_page(request: web.Request, params: dict[str, str]) -> Page:
+    """One page of audit records matching the search fields, newest first."""
+    try:
+        query = query_from(params, datetime.fromtimestamp(request.app[NOW](), UTC))
+        page = limit(params.get("page"), 1, MAX_PAGE)
+        per_page = limit(params.get("per_page"), PER_PAGE, 500)
+    except ValueError as exc:
+        raise BadQueryError(str(exc)) from None
+    folder = services_of(request).config.audit_dir
+    return await asyncio.to_thread(read_page, folder, query, page, per_page)

@@ -1,0 +1,140 @@
+"""What the console reads from the seat ledger and the kept answers: read-only connections, in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from license_server import charts
+from license_server.reports import (
+    MachineQuery,
+    SeatQuery,
+    SeatReport,
+    iso,
+    license_summary,
+    machines,
+    open_ledger,
+    seat_report,
+)
+
+License = tuple[str, str]  # (product id, license key as the ledger holds it)
+
+_LICENSES = "SELECT product_id, license_key, max_machines, updated FROM licenses"
+_MACHINE_COUNTS = (
+    "SELECT product_id, license_key, count(*), sum(deactivated IS NULL) FROM machines"
+    " GROUP BY product_id, license_key"
+)
+_MACHINE = (
+    "SELECT friendly_name, floating FROM machines"
+    " WHERE product_id = ? AND license_key = ? AND machine_code = ?"
+)
+_KEPT = (
+    "SELECT body, fetched_at FROM answers WHERE product_id = ? AND license_key = ? AND machine_code = ?"
+    " AND method = 'key/activate' ORDER BY fetched_at DESC"
+)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection (the daemon writes the file meanwhile), closed afterwards."""
+    db = open_ledger(path)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+@dataclass(frozen=True, slots=True)
+class MachineList:
+    """Machines that match a search, and whether there were more than the list holds."""
+
+    rows: list[dict[str, object]]
+    truncated: bool
+
+
+def find_machines(
+    path: Path, *, text: str, idle_only: bool, idle_days: int, now: float, limit: int
+) -> MachineList:
+    """Machines whose friendly name, machine code, license key or address contains `text`, any case."""
+    with _reading(path) as db:
+        rows = machines(db, MachineQuery(now=now, idle_days=idle_days if idle_only else None))
+    wanted = text.strip().casefold()
+    found: list[dict[str, object]] = []
+    for row in rows:
+        fields = (row["friendly_name"], row["machine_code"], row["key"], row["client"])
+        if wanted and not any(wanted in str(value).casefold() for value in fields):
+            continue
+        row["idle"] = row["deactivated"] is None and _whole(row["idle_days"]) >= idle_days
+        found.append(row)
+    return MachineList(found[:limit], len(found) > limit)
+
+
+def _whole(value: object) -> int:
+    """A ledger count as an int."""
+    return value if isinstance(value, int) else 0
+
+
+def licenses(
+    path: Path, *, since: float, until: float, in_use: Mapping[License, int]
+) -> tuple[list[dict[str, object]], SeatReport]:
+    """Every license the ledger knows: its limit, seats in use now, machines, and the period's peak."""
+    with _reading(path) as db:
+        limits = {(str(p), str(k)): (int(n), float(u)) for p, k, n, u in db.execute(_LICENSES)}
+        counts = {
+            (str(p), str(k)): (int(total), int(active or 0))
+            for p, k, total, active in db.execute(_MACHINE_COUNTS)
+        }
+        report = seat_report(db, SeatQuery(since=since, until=until), max_steps=charts.MAX_STEP_POINTS)
+    usage = {(item.product_id, item.key): item for item in report.licenses}
+    rows: list[dict[str, object]] = []
+    for license in sorted(limits.keys() | counts.keys() | usage.keys() | in_use.keys()):
+        product, key = license
+        limit = limits.get(license)
+        total, active = counts.get(license, (0, 0))
+        period = usage.get(license)
+        rows.append(
+            {
+                "product_id": product,
+                "key": key,
+                "seat_limit": None if limit is None else limit[0],
+                "floating_in_use": in_use.get(license, 0),
+                "machines_active": active,
+                "machines_known": total,
+                "peak_floating": 0 if period is None else period.peak,
+                "denials": 0 if period is None else period.denials,
+                "summary": None if period is None else license_summary(period),
+                "limit_seen": None if limit is None else iso(limit[1]),
+            }
+        )
+    return rows, report
+
+
+def seat_chart(path: Path, *, since: float, until: float, key: str | None) -> bytes:
+    """The reports' seats-in-use chart as SVG; charts.ChartsUnavailableError without matplotlib."""
+    charts.require()
+    with _reading(path) as db:
+        report = seat_report(
+            db, SeatQuery(since=since, until=until, key=key), max_steps=charts.MAX_STEP_POINTS
+        )
+    with tempfile.TemporaryDirectory(prefix="license-server-chart-") as folder:
+        target = Path(folder) / "seats.svg"
+        charts.draw_seats(report, target)
+        return target.read_bytes()
+
+
+def machine_facts(path: Path, product_id: str, key: str, machine_code: str) -> tuple[str, bool] | None:
+    """A machine's friendly name and whether its last activation was floating, if the ledger knows it."""
+    with _reading(path) as db:
+        row = db.execute(_MACHINE, (product_id, key.upper(), machine_code)).fetchone()
+    return None if row is None else (str(row[0]), bool(row[1]))
+
+
+def kept_activations(path: Path, product_id: str, key: str, machine_code: str) -> list[tuple[bytes, float]]:
+    """Kept Activate answers for one machine, newest first (checked by the caller before use)."""
+    with _reading(path) as db:
+        rows = db.execute(_KEPT, (product_id, key.upper(), machine_code)).fetchall()
+    return [(bytes(body), float(fetched)) for body, fetched in rows]

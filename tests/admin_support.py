@@ -1,0 +1,81 @@
+"""The admin console under test: served over a test daemon's services, with a browser-like client."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from license_server.admin.keys import CONSOLE
+from license_server.keys import Services
+
+ADMIN_TOKEN = "admin-token-3f9c1d7e5b2a48c6"
+UPSTREAM_TOKEN = "upstream-admin-token-8a1b2c3d"  # the fake upstream is told to accept it
+_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+class Admin:
+    """A running console: its address, the daemon services it acts on, and client helpers."""
+
+    def __init__(self, server: TestServer) -> None:
+        self.server = server
+
+    @property
+    def base(self) -> str:
+        """The console's origin."""
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def services(self) -> Services:
+        """The daemon's services the console acts on."""
+        return self.server.app[CONSOLE].services
+
+    @property
+    def bearer(self) -> dict[str, str]:
+        """Headers of an API client."""
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    @asynccontextmanager
+    async def browser(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """A client session that keeps cookies, as a browser does (also for an IP address)."""
+        async with aiohttp.ClientSession(
+            self.base, cookie_jar=aiohttp.CookieJar(unsafe=True), auto_decompress=True
+        ) as session:
+            yield session
+
+    async def login(self, session: aiohttp.ClientSession, name: str = "carol") -> str:
+        """Log in with the admin token; returns the session's CSRF token."""
+        async with session.post(
+            "/login", data={"token": ADMIN_TOKEN, "name": name, "next": "/activate"}
+        ) as r:
+            assert r.status == 200, await r.text()
+            return csrf_of(await r.text())
+
+    async def api(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, str] | None = None
+    ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        """One API call with the bearer token: status, parsed JSON (or bytes) and headers."""
+        async with (
+            aiohttp.ClientSession(self.base) as session,
+            session.request(method, path, json=json, params=params, headers=self.bearer) as r,
+        ):
+            body = await r.read()
+            parsed: Any = await r.json() if r.content_type == "application/json" else body
+            return r.status, parsed, r.headers
+
+    async def settle(self) -> None:
+        """Let the seat ledger write what it sums in memory (about once a second), and land it."""
+        await asyncio.sleep(1.2)
+        await self.services.licensing.seats.db.flush()
+
+
+def csrf_of(page: str) -> str:
+    """The CSRF token in a console page."""
+    match = _CSRF.search(page)
+    assert match is not None, page[:500]
+    return match.group(1)
