@@ -29,13 +29,19 @@ def structlog_call_line(fields: dict[str, Any]) -> None:
     structlog.get_logger(CALL_LOGGER).info("call", **fields)
 
 
-class _Formatter(structlog.stdlib.ProcessorFormatter):
-    """structlog's formatter, passing through call lines that were rendered when they were logged."""
+class _Listener(logging.handlers.QueueListener):
+    """Writes queued records; call lines arrive already rendered (bytes) and are written as they are."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        if getattr(record, "rendered", False):
-            return str(record.msg)
-        return super().format(record)
+    def __init__(self, records: queue.SimpleQueue[Any], handler: logging.StreamHandler[TextIO]) -> None:
+        super().__init__(records, handler, respect_handler_level=False)
+        self._handler = handler
+
+    def handle(self, record: Any) -> None:
+        if isinstance(record, bytes):
+            self._handler.stream.write(record.decode())
+            self._handler.flush()
+        else:
+            super().handle(record)
 
 
 class _PassThroughQueueHandler(logging.handlers.QueueHandler):
@@ -48,9 +54,7 @@ class _PassThroughQueueHandler(logging.handlers.QueueHandler):
 class Logging:
     """The configured logging of one daemon run; `close` flushes what is queued."""
 
-    def __init__(
-        self, listener: logging.handlers.QueueListener, records: queue.SimpleQueue[Any], as_json: bool
-    ) -> None:
+    def __init__(self, listener: _Listener, records: queue.SimpleQueue[Any], as_json: bool) -> None:
         self._listener = listener
         self._records = records
         self._calls = logging.getLogger(CALL_LOGGER)
@@ -60,16 +64,12 @@ class Logging:
         """The call line in the same JSON as every other line, rendered with orjson: it is the hot path."""
         if not self._calls.isEnabledFor(logging.INFO):
             return
-        line = {
-            **fields,
-            "event": "call",
-            "level": "info",
-            "logger": CALL_LOGGER,
-            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        }
-        record = logging.LogRecord(CALL_LOGGER, logging.INFO, "", 0, orjson.dumps(line).decode(), None, None)
-        record.rendered = True
-        self._records.put(record)
+        fields["event"] = "call"
+        fields["level"] = "info"
+        fields["logger"] = CALL_LOGGER
+        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        # Queued as bytes, not as a LogRecord: making one costs more than rendering the whole line.
+        self._records.put(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
 
     def set_level(self, level: str) -> None:
         """Change the level while running (a reload)."""
@@ -99,7 +99,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    formatter = _Formatter(
+    formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -109,8 +109,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
+    records: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    listener = _Listener(records, handler)
     root = logging.getLogger()
     root.handlers[:] = [_PassThroughQueueHandler(records)]
     root.setLevel(_LEVELS.get(level, logging.INFO))

@@ -1,0 +1,66 @@
+"""Request parsing: the form parser agrees with the standard library's strict parser on every input."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from license_server.protocol import MAX_FIELDS, form_pairs, normalise_path
+
+FORM_TEXT = st.text(alphabet=st.sampled_from("ab=&%+2c0FZé\u00ff \x00;"), max_size=40)
+
+
+def reference(source: str) -> list[tuple[str, str]] | None:
+    """What parse_qsl makes of a form in strict mode, or None where it refuses it."""
+    try:
+        return parse_qsl(
+            source, keep_blank_values=True, strict_parsing=True, errors="strict", max_num_fields=MAX_FIELDS
+        )
+    except ValueError:
+        return None
+
+
+def ours(source: str) -> list[tuple[str, str]] | None:
+    """What the daemon's parser makes of it, or None where it refuses it."""
+    try:
+        return form_pairs(source)
+    except ValueError:
+        return None
+
+
+class TestFormParser:
+    """The fast form parser is the standard one, faster."""
+
+    @given(FORM_TEXT)
+    def test_same_as_parse_qsl(self, source: str) -> None:
+        """Every form gives the same pairs, or is refused by both."""
+        if source:
+            assert ours(source) == reference(source)
+
+    def test_too_many_fields(self) -> None:
+        """More than MAX_FIELDS fields are refused, as parse_qsl refuses them."""
+        source = "&".join(f"f{i}=1" for i in range(MAX_FIELDS + 1))
+        assert ours(source) is None
+        assert reference(source) is None
+
+
+class TestPaths:
+    """Every SDK's spelling of an API path comes out the same; anything else is not an API path."""
+
+    @given(st.text(max_size=30))
+    def test_never_raises(self, path: str) -> None:
+        """Any text gives a normalised method or None, never an exception."""
+        result = normalise_path(path)
+        assert result is None or result.count("/") == 1
+
+    def test_spellings(self) -> None:
+        """Double slashes, trailing slashes and case do not matter."""
+        for path in (
+            "/api/key/activate",
+            "/api//key/activate/",
+            "/API/Key/Activate",
+            "//api/key//activate//",
+        ):
+            assert normalise_path(path) == "key/activate"
