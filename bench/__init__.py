@@ -1,1 +1,1 @@
-"""The benchmark of issue #8: `python bench/run.py` from the repository root (see README, Benchmark)."""
+"""The benchmark: `python bench/run.py` from the repository root (see README, Benchmark)."""

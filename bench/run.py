@@ -1,4 +1,4 @@
-"""The license-server benchmark (issue #8): `python bench/run.py [--quick]` from the repository root.
+"""The license-server benchmark: `python bench/run.py [--quick]` from the repository root.
 
 Needs the repo venv and `apt-get install -y wrk nghttp2-client`. Servers run on core 0, load generators
 and the fake upstream on core 1. Each repetition runs every variant in rotated order; figures are medians,
