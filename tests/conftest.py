@@ -190,11 +190,11 @@ def make_config(tmp_path: Path, upstream_url: str, public_key: str, *extra: str)
 def daemon_factory(
     tmp_path: Path, upstream: Upstream, aiohttp_server: ServerFactory, clock: Clock
 ) -> Callable[..., Awaitable[Daemon]]:
-    """Start a daemon in front of the fake upstream with extra `--set` style overrides."""
+    """Start a daemon in front of the fake upstream (or another `url`) with extra `--set` style overrides."""
 
-    async def start(*extra: str) -> Daemon:
+    async def start(*extra: str, url: str | None = None) -> Daemon:
         config = await asyncio.to_thread(
-            make_config, tmp_path, upstream.url, upstream.fake.public_key_xml, *extra
+            make_config, tmp_path, url or upstream.url, upstream.fake.public_key_xml, *extra
         )
         return await Daemon(config, aiohttp_server, clock).start()
 

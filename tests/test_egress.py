@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import Clock, Daemon, Upstream, make_config, send_form
+from tests.conftest import Daemon, Upstream, send_form
 from tests.test_proxy import activate_form
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
+DaemonFactory = Callable[..., Awaitable[Daemon]]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -110,34 +111,20 @@ class TestTls:
         return f"https://127.0.0.1:{server.port}", ca_file
 
     async def test_private_ca_trusted_when_configured(
-        self,
-        tls_upstream: tuple[str, Path],
-        upstream: Upstream,
-        aiohttp_server: ServerFactory,
-        tmp_path: Path,
-        clock: Clock,
+        self, tls_upstream: tuple[str, Path], daemon_factory: DaemonFactory
     ) -> None:
         """With upstream.ca_file the daemon verifies the private certificate and forwards."""
         url, ca_file = tls_upstream
-        config = await asyncio.to_thread(
-            make_config, tmp_path, url, upstream.fake.public_key_xml, f"upstream.ca_file={ca_file}"
-        )
-        daemon = await Daemon(config, aiohttp_server, clock).start()
+        daemon = await daemon_factory(f"upstream.ca_file={ca_file}", url=url)
         status, answer = await post_form(daemon.base, activate_form())
         assert (status, answer["result"]) == (200, 0)
 
     async def test_unknown_ca_refused(
-        self,
-        tls_upstream: tuple[str, Path],
-        upstream: Upstream,
-        aiohttp_server: ServerFactory,
-        tmp_path: Path,
-        clock: Clock,
+        self, tls_upstream: tuple[str, Path], upstream: Upstream, daemon_factory: DaemonFactory
     ) -> None:
         """Without the CA file the certificate is not trusted and nothing is forwarded."""
         url, _ = tls_upstream
-        config = await asyncio.to_thread(make_config, tmp_path, url, upstream.fake.public_key_xml)
-        daemon = await Daemon(config, aiohttp_server, clock).start()
+        daemon = await daemon_factory(url=url)
         status, answer = await post_form(daemon.base, activate_form())
         assert status == 502
         assert "TLS verification" in str(answer["message"])
@@ -158,7 +145,7 @@ class TestProxy:
         assert len(upstream.fake.calls) == 1
 
     async def test_configured_proxy_used(
-        self, upstream: Upstream, aiohttp_server: ServerFactory, tmp_path: Path, clock: Clock
+        self, upstream: Upstream, aiohttp_server: ServerFactory, daemon_factory: DaemonFactory
     ) -> None:
         """With upstream.proxy set, every upstream call goes through that proxy."""
         seen: list[str] = []
@@ -182,14 +169,7 @@ class TestProxy:
         proxy_app = web.Application()
         proxy_app.router.add_route("*", "/{tail:.*}", relay)
         proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
-        config = await asyncio.to_thread(
-            make_config,
-            tmp_path,
-            upstream.url,
-            upstream.fake.public_key_xml,
-            f"upstream.proxy=http://127.0.0.1:{proxy.port}",
-        )
-        daemon = await Daemon(config, aiohttp_server, clock).start()
+        daemon = await daemon_factory(f"upstream.proxy=http://127.0.0.1:{proxy.port}")
         status, answer = await post_form(daemon.base, activate_form())
         assert (status, answer["result"]) == (200, 0)
         assert seen == [f"{upstream.url}/api/key/activate"]
