@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
-from license_server.protocol import Call, parse_fields
+from license_server.protocol import Call, TokenFingerprints, parse_fields
 from license_server.state import load_fingerprint_key
 from license_server.store import Kept, Store
 from tests.fake_upstream import Activation, FakeCryptolens
@@ -135,13 +135,14 @@ def fill_state_dir(state_dir: Path, vendor: Vendor, licenses: int, *, age: float
 async def _fill(state_dir: Path, secret: bytes, vendor: Vendor, licenses: int, fetched_at: float) -> int:
     """Write Kept rows through the daemon's own Store, with cache keys from its own Call."""
     store = Store(state_dir / ANSWERS_FILE)
+    fingerprints = TokenFingerprints(secret)
     await store.open()
     try:
         for number, (index, machine) in enumerate(pairs(licenses), 1):
             call = Call.from_fields(METHOD, parse_fields(activate_form(index, machine)))
             store.put(
                 Kept(
-                    cache_key=call.cache_key(secret),
+                    cache_key=call.cache_key(fingerprints),
                     method=call.method,
                     product_id=call.product_id,
                     license_key=call.license_key.upper(),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import time
 from typing import Any
 
@@ -35,7 +34,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return monitoring(request, path)
     services = request.app[SERVICES]
     started = time.monotonic()
-    request_id = secrets.token_hex(8)
+    request_id = services.request_ids()
     method = normalise_path(request.path)
     call: Call | None = None
     try:
@@ -54,9 +53,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except AuditUnavailableError:
         outcome = Outcome.refused(503, _AUDIT_REFUSAL)
     _log_call(request, request_id, method, outcome, elapsed)
-    metrics = services.metrics
-    metrics.calls.labels(metrics.method_label(method), outcome.action.value, str(outcome.status)).inc()
-    metrics.latency.observe(elapsed)
+    services.metrics.count_call(method, outcome.action.value, outcome.status, elapsed)
     headers = {
         "Content-Type": outcome.content_type,
         "X-License-Server-Source": outcome.action.value,
@@ -159,9 +156,15 @@ def _log_call(
 
 async def _read_body(request: web.Request, limit: int, too_large: str) -> bytes:
     """The request body, refused past `limit` bytes (the limit in force, which a reload may change)."""
+    content = request.content
+    if content.is_eof():  # the usual small form arrived with its headers: no waiting, no iterator
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise RequestError(413, too_large)
+        return body
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
+    async for chunk in content.iter_any():
         size += len(chunk)
         if size > limit:
             raise RequestError(413, too_large)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,20 @@ from license_server.store import Store
 from license_server.upstream import Upstream
 
 
+class RequestIds:
+    """Request ids unique across restarts: a random prefix per daemon run, then a counter."""
+
+    __slots__ = ("_next", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._next = itertools.count(1).__next__
+
+    def __call__(self) -> str:
+        """A new request id."""
+        return f"{self._prefix}{self._next():08x}"
+
+
 @dataclass(slots=True)
 class Services:
     """Everything a running daemon holds, made at start-up and closed at shut-down."""
@@ -32,6 +48,7 @@ class Services:
     metrics: Metrics
     kept_answers: int  # refreshed now and then from the store
     started: float
+    request_ids: RequestIds = field(default_factory=lambda: RequestIds())
     retired: list[Upstream] = field(default_factory=list)  # replaced by a reload, closing once idle
     background: set[asyncio.Task[None]] = field(default_factory=set)
 

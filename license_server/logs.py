@@ -6,16 +6,19 @@ event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.handlers
 import queue
 import sys
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
 import structlog
+
+from license_server.utctext import UtcText
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -58,6 +61,8 @@ class Logging:
         self._listener = listener
         self._records = records
         self._calls = logging.getLogger(CALL_LOGGER)
+        self._lines: list[bytes] = []  # call lines of this turn of the event loop, queued together
+        self._clock = UtcText()
         self.call_line: CallLine = self._json_call_line if as_json else structlog_call_line
 
     def _json_call_line(self, fields: dict[str, Any]) -> None:
@@ -67,9 +72,16 @@ class Logging:
         fields["event"] = "call"
         fields["level"] = "info"
         fields["logger"] = CALL_LOGGER
-        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        # Queued as bytes, not as a LogRecord: making one costs more than rendering the whole line.
-        self._records.put(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+        fields["timestamp"] = self._clock.text(time.time())
+        # Queued as bytes, not as a LogRecord: making one costs more than rendering the whole line. One
+        # queue item per turn of the loop, not per call: each item wakes the writer thread.
+        if not self._lines:
+            asyncio.get_running_loop().call_soon(self._queue_lines)
+        self._lines.append(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+
+    def _queue_lines(self) -> None:
+        lines, self._lines = self._lines, []
+        self._records.put(b"".join(lines))
 
     def set_level(self, level: str) -> None:
         """Change the level while running (a reload)."""
@@ -77,6 +89,8 @@ class Logging:
 
     def close(self) -> None:
         """Write out every queued record and stop the listener thread."""
+        if self._lines:
+            self._queue_lines()
         self._listener.stop()
 
 

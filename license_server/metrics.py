@@ -22,6 +22,7 @@ class Metrics:
     def __init__(self, allowed_methods: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._methods = frozenset(allowed_methods)
+        self._call_children: dict[tuple[str, str, int], Counter] = {}
         self.calls = Counter(
             "license_server_calls",
             "Workstation calls answered, by API method, what the daemon did, and HTTP status.",
@@ -49,6 +50,15 @@ class Metrics:
         Info("license_server_build", "The daemon's version.", registry=self.registry).info(
             {"version": __version__}
         )
+
+    def count_call(self, method: str | None, action: str, status: int, elapsed: float) -> None:
+        """Count one answered call and its latency."""
+        labels = (self.method_label(method), action, status)
+        child = self._call_children.get(labels)
+        if child is None:  # labels() takes a lock and builds a tuple key: done once per label set
+            child = self._call_children[labels] = self.calls.labels(labels[0], action, str(status))
+        child.inc()
+        self.latency.observe(elapsed)
 
     def allow_methods(self, methods: Iterable[str]) -> None:
         """Follow a reloaded method allowlist for the api_method label."""

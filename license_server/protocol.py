@@ -10,6 +10,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import unquote_plus
 
+import orjson
 from aiohttp import web
 
 MAX_FIELDS = 64
@@ -17,6 +18,7 @@ MAX_FIELDS = 64
 # Fields that say who is asking or describe the client, not what the answer contains.
 _FIELDS_NOT_IN_KEY = frozenset({"token", "friendlyname", "osinfo"})
 _TRUE = frozenset({"true", "1"})
+_BOOLEANS = frozenset({"true", "false"})
 
 
 class Kind(Enum):
@@ -151,24 +153,44 @@ class Call:
         """Whether the answer to this call is a signed license the daemon may keep."""
         return self.kind in (Kind.ACTIVATE, Kind.GETKEY) and bool(self.license_key)
 
-    def cache_key(self, secret: bytes) -> bytes:
+    def cache_key(self, fingerprints: TokenFingerprints) -> bytes:
         """Digest naming the answer: method, every answer-shaping field, and a keyed token fingerprint."""
-        digest = hashlib.sha256()
-        digest.update(self.method.encode())
-        digest.update(token_fingerprint(secret, self.fields.get("token", "")))
-        for name in sorted(self.fields):
+        fields = self.fields
+        parts = []
+        for name in sorted(fields):
             if name in _FIELDS_NOT_IN_KEY:
                 continue
-            value = self.fields[name].strip()
-            if value.lower() in ("true", "false"):
+            value = fields[name].strip()
+            if len(value) in (4, 5) and value.lower() in _BOOLEANS:
                 value = value.lower()
-            digest.update(b"\x00" + name.encode() + b"\x01" + value.encode())
-        return digest.digest()
+            parts.append(f"\x00{name}\x01{value}")
+        text = "".join(parts).encode()
+        return hashlib.sha256(self.method.encode() + fingerprints(fields.get("token", "")) + text).digest()
 
 
 def token_fingerprint(secret: bytes, token: str) -> bytes:
     """Keyed fingerprint of an access token: lets the daemon tell tokens apart without keeping them."""
     return hmac.new(secret, token.encode(), hashlib.sha256).digest()[:16]
+
+
+class TokenFingerprints:
+    """Keyed token fingerprints, remembered in memory for the handful of tokens a site's software uses."""
+
+    __slots__ = ("_known", "_remember", "_secret")
+
+    def __init__(self, secret: bytes, remember: int = 1024) -> None:
+        self._secret = secret
+        self._remember = remember
+        self._known: dict[str, bytes] = {}
+
+    def __call__(self, token: str) -> bytes:
+        """The fingerprint of `token`."""
+        fingerprint = self._known.get(token)
+        if fingerprint is None:
+            if len(self._known) >= self._remember:  # a flood of made-up tokens must not grow memory
+                self._known.clear()
+            fingerprint = self._known[token] = token_fingerprint(self._secret, token)
+        return fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +205,8 @@ class Answer:
 def parse_answer(body: bytes) -> Answer | None:
     """Read a Cryptolens JSON answer; None when it is not one (HTML page, garbage, no integer result)."""
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        obj = orjson.loads(body)
+    except ValueError:  # orjson.JSONDecodeError: not JSON, not UTF-8, or nested too deeply
         return None
     if not isinstance(obj, dict):
         return None

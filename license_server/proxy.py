@@ -14,7 +14,7 @@ from license_server.cache import AnswerCache
 from license_server.config import KeepConfig
 from license_server.license_files import LicenseFiles
 from license_server.metrics import Metrics
-from license_server.protocol import Call, Kind, error_body, flag
+from license_server.protocol import Call, Kind, TokenFingerprints, error_body, flag
 from license_server.seats import LIMIT_REACHED, SeatLedger
 from license_server.signatures import (
     AnswerFormatError,
@@ -89,7 +89,7 @@ class Licensing:
         self.files = files
         self.keyring = keyring
         self.keep = keep
-        self.secret = secret
+        self.fingerprints = TokenFingerprints(secret)
         self.seats = seats
         self.metrics = metrics
         self.clock = clock
@@ -115,7 +115,7 @@ class Licensing:
         self, call: Call, http_method: str, body: bytes, raw_query: str, content_type: str | None
     ) -> Outcome:
         """Upstream first (unless offline or fresh enough), falling back to kept answers and files."""
-        cache_key = call.cache_key(self.secret) if call.keepable else None
+        cache_key = call.cache_key(self.fingerprints) if call.keepable else None
         if self.upstream is None:
             return await self._fallback(
                 call, cache_key, UpstreamFailure("offline mode is on", kind="offline", status=503)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from license_server.signatures import KeyFormatError
 log = structlog.get_logger(__name__)
 
 _STATUS_EVERY = 10.0  # seconds between STATUS updates when no watchdog asks for more
+_GC_FIRST_GENERATION = 10_000  # allocations before a young collection; CPython starts at 700
 
 
 def notify(message: str) -> None:
@@ -125,6 +127,7 @@ async def serve(
         for host, port in site.bound:
             log.info("listening", address=f"{scheme}://{host}:{port}/api/")
         admin = await start_admin(app[SERVICES], config.admin, shutdown_timeout=config.shutdown_timeout)
+        _tune_gc()
         notify(f"READY=1\nSTATUS={status_line(app)}")
         spawn(_heartbeat(app))
         await stop.wait()
@@ -140,6 +143,18 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+def _tune_gc() -> None:
+    """Keep garbage collection off the hot path once started.
+
+    What start-up made lives as long as the process: frozen, full collections no longer walk it. Most
+    per-call objects die by reference counting, so a larger first generation collects far less often
+    while walking about as much.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_FIRST_GENERATION, 20, 20)
 
 
 async def _reload(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import orjson
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -301,7 +302,7 @@ def parse_signed_answer(answer: Mapping[str, Any]) -> SignedLicense | None:
     payload = _b64(license_key_b64, "licenseKey")
     signature = _b64(signature_b64, "signature")
     try:
-        decoded = json.loads(payload.decode("utf-8"))
+        decoded = orjson.loads(payload.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise AnswerFormatError(f"the decoded licenseKey is not UTF-8: {exc}") from exc
     except (ValueError, RecursionError) as exc:
