@@ -7,7 +7,14 @@ from urllib.parse import parse_qsl
 from hypothesis import given
 from hypothesis import strategies as st
 
-from license_server.protocol import MAX_FIELDS, form_pairs, normalise_path
+from license_server.protocol import (
+    MAX_FIELDS,
+    Call,
+    TokenFingerprints,
+    form_pairs,
+    normalise_path,
+    parse_fields,
+)
 
 FORM_TEXT = st.text(alphabet=st.sampled_from("ab=&%+2c0FZé\u00ff \x00;"), max_size=40)
 
@@ -64,3 +71,27 @@ class TestPaths:
             "//api/key//activate//",
         ):
             assert normalise_path(path) == "key/activate"
+
+
+class TestCacheKeys:
+    """Cache keys name kept answers on disk: they stay the same from one version of the daemon to the next."""
+
+    FORM = (
+        "token=WyJ0b2tlbiJd&ProductId=3349&Key=AAAAA-BBBBB-CCCCC-DDDDD&MachineCode=abc&Sign=True"
+        "&SignMethod=1&FriendlyName=Lab%201&FloatingTimeInterval=0"
+    )
+
+    def test_stable_across_versions(self) -> None:
+        """A pinned digest: changing how keys are made would orphan every answer kept before an upgrade."""
+        call = Call.from_fields("key/activate", parse_fields(self.FORM))
+        expected = "e952287666cd2b8df0ca5482e0ab4951e650744fad6099c229a151516b8de91b"
+        assert call.cache_key(TokenFingerprints(bytes(range(32)))).hex() == expected
+
+    def test_fingerprints_bounded(self) -> None:
+        """A flood of made-up tokens does not grow the remembered fingerprints past their bound."""
+        fingerprints = TokenFingerprints(b"s" * 32, remember=8)
+        first = fingerprints("token-0")
+        for n in range(100):
+            fingerprints(f"token-{n}")
+        assert len(fingerprints._known) <= 8
+        assert fingerprints("token-0") == first
