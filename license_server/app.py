@@ -33,6 +33,11 @@ log = structlog.get_logger(__name__)
 _STORE_FILE = "answers.sqlite3"
 _SEATS_FILE = "seats.sqlite3"
 _REFRESH_EVERY = 30.0  # seconds between counts of kept answers
+_COMMON_PATHS = (  # as the SDKs send them: Python; Node and C++; .NET
+    *("/api/key/activate", "/api/key/getkey", "/api/key/deactivate"),
+    *("/api/key/Activate", "/api/key/GetKey", "/api/key/Deactivate"),
+    *("/api//key/activate/", "/api//key/getkey/", "/api//key/deactivate/"),
+)
 
 
 def load_keyring(config: Config) -> KeyRing:
@@ -210,6 +215,9 @@ def create_app(
     if lease_clock is not None:
         app[LEASE_CLOCK] = lease_clock
     app.cleanup_ctx.append(_services_ctx)
+    # The SDKs' own spellings of the busiest calls resolve by one exact lookup, not the pattern below.
+    for path in _COMMON_PATHS:
+        app.router.add_route("*", path, handle)
     # [\s\S] rather than ".": a path with an encoded newline must reach the handler too, to get JSON.
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
     return app
