@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from typing import Any
@@ -90,7 +91,7 @@ async def _parse(request: web.Request, services: Services, method: str | None) -
     too_large = f"The request body is larger than the {limit} bytes this license server accepts."
     if request.content_length is not None and request.content_length > limit:
         raise RequestError(413, too_large)
-    body = await _read_body(request, limit, too_large)
+    body = await _read_body(request, limit, too_large, config.listen.header_timeout)
     if body and request.content_type not in (_FORM, "application/octet-stream"):
         raise RequestError(415, f"The request body must be {_FORM}, as every Cryptolens SDK sends it.")
     try:
@@ -154,8 +155,8 @@ def _log_call(
     )
 
 
-async def _read_body(request: web.Request, limit: int, too_large: str) -> bytes:
-    """The request body, refused past `limit` bytes (the limit in force, which a reload may change)."""
+async def _read_body(request: web.Request, limit: int, too_large: str, deadline: float) -> bytes:
+    """The request body, refused past `limit` bytes or when it has not all come within `deadline` seconds."""
     content = request.content
     if content.is_eof():  # the usual small form arrived with its headers: no waiting, no iterator
         body = content.read_nowait()
@@ -164,11 +165,15 @@ async def _read_body(request: web.Request, limit: int, too_large: str) -> bytes:
         return body
     chunks: list[bytes] = []
     size = 0
-    async for chunk in content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, too_large)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(deadline):  # a trickled or stalled body must not hold the call for ever
+            async for chunk in content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, too_large)
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise RequestError(408, f"The request body did not arrive within {deadline:g} s.") from exc
     return b"".join(chunks)
 
 

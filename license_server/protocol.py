@@ -57,7 +57,8 @@ def parse_fields(*sources: str) -> dict[str, str]:
     """Parse url-encoded form and query strings into one dict with lower-cased field names.
 
     A field named twice (in any case, in either source) is refused: the daemon and the upstream
-    service must never disagree on which value counts.
+    service must never disagree on which value counts. So are the control characters that separate
+    fields in a cache key: no Cryptolens field holds them, and a value with them could pose as two fields.
     """
     fields: dict[str, str] = {}
     for source in sources:
@@ -67,11 +68,16 @@ def parse_fields(*sources: str) -> dict[str, str]:
             pairs = form_pairs(source)
         except ValueError as exc:
             raise RequestError(400, "The request is not a valid url-encoded form.") from exc
+        decoded = "%" in source
         for name, value in pairs:
+            if decoded and ("\x00" in name or "\x01" in name or "\x00" in value or "\x01" in value):
+                raise RequestError(400, "A field holds a NUL or SOH character.")
             lowered = name.lower()
             if lowered in fields:
                 raise RequestError(400, f"The field '{name}' is given more than once.")
             fields[lowered] = value
+        if not decoded and ("\x00" in source or "\x01" in source):
+            raise RequestError(400, "A field holds a NUL or SOH character.")
     return fields
 
 

@@ -5,36 +5,63 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import http_parser
 
+from license_server.listener import ConnectionGuard, GuardedSite
 from tests.conftest import Daemon, Upstream
 from tests.test_proxy import activate_form
 
 FORM = "&".join(f"{k}={v}" for k, v in activate_form().items())
 
 
-async def raw(daemon: Daemon, request: bytes) -> tuple[int, bytes]:
-    """Send raw bytes to the daemon; the status code and body of its first answer (0 if it just closed)."""
-    assert daemon.server is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.server.port)
+async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes to a port; status, headers and body of the first answer (0 if it just closed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         await writer.drain()
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         except asyncio.IncompleteReadError:
-            return 0, b""
+            return 0, {}, b""
         lines = head.decode("latin-1").split("\r\n")
         headers = {
             k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
         }
         length = int(headers.get("content-length", "0"))
         body = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
-        return int(lines[0].split(" ", 2)[1]), body
+        if headers.get("connection", "").lower() == "close":
+            assert await asyncio.wait_for(reader.read(), 5) == b"", "the answer must close the connection"
+        return int(lines[0].split(" ", 2)[1]), headers, body
     finally:
         writer.close()
+
+
+async def raw(daemon: Daemon, request: bytes) -> tuple[int, bytes]:
+    """Send raw bytes to the daemon; the status code and body of its first answer (0 if it just closed)."""
+    assert daemon.server is not None
+    status, _, body = await exchange(daemon.server.port, request)
+    return status, body
+
+
+async def serve_guarded(daemon: Daemon) -> int:
+    """Also serve the daemon's app through the production listener (ConnectionGuard); returns its port."""
+    assert daemon.server is not None
+    assert daemon.server.runner is not None
+    runner = daemon.server.runner
+    assert runner.server is not None
+    site = GuardedSite(runner, "127.0.0.1", 0, ConnectionGuard(runner.server, 100, 30.0), ssl_context=None)
+    await site.start()  # registered with the runner, which stops it with the daemon
+    return site.bound[0][1]
+
+
+@pytest.fixture
+async def listener(daemon: Daemon) -> int:
+    """The port of the daemon behind the listener `license-server serve` uses."""
+    return await serve_guarded(daemon)
 
 
 def post_request(target: str, host: str = "127.0.0.1", body: str = FORM) -> bytes:
@@ -71,10 +98,13 @@ class TestParser:
             b"POST /api/key/activate HTTP/1.1\r\nHost: x\x00y\r\nContent-Length: 0\r\n\r\n",
         ],
     )
-    async def test_smuggling_refused(self, daemon: Daemon, upstream: Upstream, request_bytes: bytes) -> None:
-        """Ambiguous framing is refused with 400 and never reaches upstream."""
-        status, _ = await raw(daemon, request_bytes)
-        assert status in (0, 400)
+    async def test_smuggling_refused(self, listener: int, upstream: Upstream, request_bytes: bytes) -> None:
+        """Ambiguous framing gets a JSON 400 that closes the connection, and never reaches upstream."""
+        status, headers, body = await exchange(listener, request_bytes)
+        assert status == 400
+        assert headers["content-type"].startswith("application/json")
+        assert headers["connection"].lower() == "close"
+        assert json.loads(body)["result"] == 1
         assert upstream.fake.calls == []
 
 
@@ -126,3 +156,37 @@ class TestNoOpenProxy:
         assert status == 200
         assert json.loads(body)["result"] == 0
         assert "upgrade" not in {name.lower() for name in upstream.fake.calls[0].headers}
+
+
+class TestStalledBodies:
+    """A body that stops coming holds a call only until the deadline, then gets a JSON 408."""
+
+    HEAD = "POST /api/key/activate HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+
+    @pytest.mark.parametrize(
+        "request_bytes",
+        [
+            # announces more than it sends
+            f"{HEAD}Content-Length: {len(FORM) + 50}\r\n\r\n{FORM}".encode(),
+            # chunked, and the last chunk never comes
+            f"{HEAD}Transfer-Encoding: chunked\r\n\r\n{len(FORM):x}\r\n{FORM}\r\n".encode(),
+        ],
+        ids=["short-content-length", "unfinished-chunked"],
+    )
+    async def test_stalled_body_refused(
+        self, daemon_factory: Callable[..., Awaitable[Daemon]], upstream: Upstream, request_bytes: bytes
+    ) -> None:
+        """The call is answered 408 JSON once `listen.header_timeout` has passed; nothing goes upstream."""
+        daemon = await daemon_factory("listen.header_timeout=0.5s")
+        assert daemon.server is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.server.port)
+        try:
+            writer.write(request_bytes)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 408 ")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            assert json.loads(await reader.readexactly(length))["result"] == 1
+        finally:
+            writer.close()
+        assert upstream.fake.calls == []
