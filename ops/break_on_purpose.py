@@ -1,0 +1,261 @@
+"""Break the daemon on purpose, one promise at a time, and check that the tests guarding it fail.
+
+    .venv/bin/python ops/break_on_purpose.py            # every sabotage (about 10 minutes)
+    .venv/bin/python ops/break_on_purpose.py --only tls  # those whose name contains "tls"
+
+Each sabotage is one exact text replacement in license_server/, applied to a scratch copy of the working
+tree (never to the tree itself); the named tests run there and must fail. A sabotage whose tests still pass
+means the suite no longer guards that promise: the script lists it and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class Sabotage:
+    """One promise, the one-line change that breaks it, and the tests that must then fail."""
+
+    name: str
+    file: str
+    original: str
+    broken: str
+    tests: tuple[str, ...]
+
+
+FAULTS = "tests/test_faults.py"
+FUZZ = "tests/test_fuzz.py"
+HOSTILE = "tests/test_hostile.py"
+
+SABOTAGES = (
+    # -- upstream faults ---------------------------------------------------------------------------
+    Sabotage(
+        "answer size limit",
+        "license_server/upstream.py",
+        "if size > limit:",
+        "if size > limit * 64:",
+        (f"{FAULTS}::TestLimits::test_endless_chunked_cut",),
+    ),
+    Sabotage(
+        "announced size refused from headers",
+        "license_server/upstream.py",
+        '"Content-Encoding" not in response.headers and',
+        '"Content-Encoding" in response.headers and',
+        (f"{FAULTS}::TestLimits::test_huge_content_length_refused_from_headers",),
+    ),
+    Sabotage(
+        "redirects not followed",
+        "license_server/upstream.py",
+        "allow_redirects=False,",
+        "allow_redirects=True,",
+        (f"{FAULTS}::TestRedirects",),
+    ),
+    Sabotage(
+        "tls verified",
+        "license_server/upstream.py",
+        "ssl=make_ssl_context(config),",
+        "ssl=False,",
+        (f"{FAULTS}::TestTlsFaults",),
+    ),
+    Sabotage(
+        "5xx is a failure",
+        "license_server/upstream.py",
+        "if status >= 500:",
+        "if status >= 504:",
+        (f"{FAULTS}::TestFaultClasses::test_kept_answer_rides_out",),
+    ),
+    Sabotage(
+        "forged signature never kept or served",
+        "license_server/proxy.py",
+        "if not verify_signed(self.keyring, signed):",
+        "if verify_signed(self.keyring, signed) is None:",
+        (f"{FAULTS}::TestFaultClasses::test_kept_answer_rides_out",),
+    ),
+    # -- hostile input -----------------------------------------------------------------------------
+    Sabotage(
+        "parser refusals are JSON",
+        "license_server/listener.py",
+        "handler = JsonErrorHandler(",
+        "handler = RequestHandler(",
+        (f"{HOSTILE}::TestParser::test_smuggling_refused",),
+    ),
+    Sabotage(
+        "parser refusals never quote the request",
+        "license_server/listener.py",
+        "            text = parse_refusal(exc, self.max_line_size)",
+        "            text = exc.message",
+        (f"{FUZZ}::TestHttp::test_token_not_echoed",),
+    ),
+    Sabotage(
+        "parser refusals close the connection",
+        "license_server/listener.py",
+        'response.headers["Connection"] = "close"',
+        'response.headers["Connection"] = "keep-alive"',
+        (f"{HOSTILE}::TestParser::test_smuggling_refused",),
+    ),
+    Sabotage(
+        "stalled bodies bounded",
+        "license_server/handlers.py",
+        "async with asyncio.timeout(deadline):",
+        "async with asyncio.timeout(None):",
+        (f"{HOSTILE}::TestStalledBodies",),
+    ),
+    Sabotage(
+        "only /api/controller/method paths",
+        "license_server/protocol.py",
+        'if len(parts) != 3 or parts[0].lower() != "api":',
+        'if len(parts) < 3 or parts[0].lower() != "api":',
+        (f"{FUZZ}::TestPaths::test_refused_spellings",),
+    ),
+    Sabotage(
+        "ASCII-only method names",
+        "license_server/protocol.py",
+        "if not (controller.isascii() and controller.isalnum() and method.isascii() and method.isalnum()):",
+        "if not (controller.isalnum() and method.isalnum()):",
+        (f"{FUZZ}::TestPaths::test_refused_spellings",),
+    ),
+    Sabotage(
+        "a field given twice refused",
+        "license_server/protocol.py",
+        "            if lowered in fields:",
+        "            if name in fields:",
+        (f"{FUZZ}::TestForms::test_duplicate_refused",),
+    ),
+    Sabotage(
+        "separators refused in fields",
+        "license_server/protocol.py",
+        'if decoded and ("\\x00" in name',
+        'if False and ("\\x00" in name',
+        (f"{FUZZ}::TestCacheKeys::test_separator_in_value_refused",),
+    ),
+    Sabotage(
+        "signing options in the cache key",
+        "license_server/protocol.py",
+        "            if name in _FIELDS_NOT_IN_KEY:",
+        '            if name in _FIELDS_NOT_IN_KEY or name == "signmethod":',
+        (f"{FUZZ}::TestCacheKeys::test_answer_field_changes_key",),
+    ),
+    Sabotage(
+        "token in the cache key",
+        "license_server/protocol.py",
+        'fingerprints(fields.get("token", ""))',
+        'fingerprints("")',
+        (f"{FUZZ}::TestCacheKeys::test_token_in_key_but_never_in_clear",),
+    ),
+    Sabotage(
+        "cache keys stable across versions",
+        "license_server/protocol.py",
+        'parts.append(f"\\x00{name}\\x01{value}")',
+        'parts.append(f"\\x01{name}\\x00{value}")',
+        ("tests/test_protocol.py::TestCacheKeys::test_stable_across_versions",),
+    ),
+    Sabotage(
+        "license files verified",
+        "license_server/license_files.py",
+        "    if not verify_signed(keyring, signed):",
+        "    if verify_signed(keyring, signed) is None:",
+        (f"{FUZZ}::TestLicenseFiles::test_changed_payload_rejected",),
+    ),
+    Sabotage(
+        "signatures checked",
+        "license_server/signatures.py",
+        "    return keyring.verify(signed.payload, signed.signature)",
+        "    return keyring.verify(signed.payload, signed.signature) or len(signed.payload) > 0",
+        (f"{FUZZ}::TestSignatures::test_bit_flip_rejected",),
+    ),
+    Sabotage(
+        "over-long signatures refused",
+        "license_server/signatures.py",
+        "    if not signature or value >= modulus:",
+        "    if not signature:",
+        (f"{FUZZ}::TestSignatures::test_longer_signature_rejected",),
+    ),
+)
+
+
+def scratch_copy(target: Path) -> None:
+    """Copy the working tree (tracked and untracked files, not ignored ones) to `target`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in filter(None, listed):
+        source = ROOT / os.fsdecode(raw)
+        if source.is_file():
+            destination = target / os.fsdecode(raw)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination)
+
+
+def pytest(tree: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    """Run tests in the scratch copy, against the copy's package; (exit status, last lines of output)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}  # the copy's package, also in daemon subprocesses
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    return done.returncode, "\n".join(done.stdout.strip().splitlines()[-3:])
+
+
+def run(sabotage: Sabotage, tree: Path) -> tuple[bool, float, str]:
+    """Break the copy, run the guarding tests, restore the copy; (the tests failed, seconds, output tail)."""
+    path = tree / sabotage.file
+    text = path.read_text()
+    if text.count(sabotage.original) != 1:
+        return False, 0.0, f"the original text is not found exactly once in {sabotage.file}"
+    path.write_text(text.replace(sabotage.original, sabotage.broken))
+    started = time.monotonic()
+    try:
+        status, tail = pytest(tree, sabotage.tests)
+    finally:
+        path.write_text(text)
+    return status == 1, time.monotonic() - started, tail
+
+
+def main() -> int:
+    """Run every sabotage (or those named) and report which ones the tests caught."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", help="run only sabotages whose name contains this text")
+    args = parser.parse_args()
+    chosen = [s for s in SABOTAGES if args.only is None or args.only in s.name]
+    missed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="license-server-sabotage-") as folder:
+        tree = Path(folder)
+        scratch_copy(tree)
+        # Unbroken, every guarding test passes: a failure below is then the sabotage's doing.
+        status, tail = pytest(tree, tuple(sorted({test for s in chosen for test in s.tests})))
+        if status != 0:
+            print(f"the guarding tests fail without any sabotage:\n{tail}")
+            return 1
+        for sabotage in chosen:
+            caught, seconds, tail = run(sabotage, tree)
+            print(f"{'caught' if caught else 'MISSED'}  {seconds:5.1f} s  {sabotage.name}", flush=True)
+            if not caught:
+                missed.append(sabotage.name)
+                print(f"        {tail}", flush=True)
+    print(f"{len(chosen) - len(missed)} of {len(chosen)} sabotages caught by the tests")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
