@@ -445,6 +445,16 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """How many failed upstream calls may be tried once more, so that retries never multiply an outage."""
+
+    # retries allowed, in percent of the upstream calls of the last 10 seconds
+    budget_percent: int = field(default=20, metadata=_rule(_whole(0, 100)))
+    # retries allowed per second on top of the percentage, so a quiet daemon can retry too
+    min_per_second: int = field(default=1, metadata=_rule(_whole(0)))
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """The one upstream origin and how the daemon talks to it."""
 
@@ -462,6 +472,7 @@ class UpstreamConfig:
     max_connections: int = field(default=32, metadata=_rule(_whole(1)))
     max_answer_bytes: int = field(default=1024 * 1024, metadata=_rule(_size(1)))
     breaker: BreakerConfig = BreakerConfig()
+    retry: RetryConfig = RetryConfig()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,12 @@
-"""The single egress to the licensing service: one pooled session, timeouts, circuit breaker, coalescing."""
+"""The single egress to the licensing service: pooled session, timeouts, breaker, retry budget, coalescing."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -14,15 +16,21 @@ import structlog
 from yarl import URL
 
 from license_server import __version__
-from license_server.config import BreakerConfig, UpstreamConfig
+from license_server.config import BreakerConfig, RetryConfig, UpstreamConfig
 from license_server.protocol import Answer, parse_answer
 
 log = structlog.get_logger(__name__)
 
 _READ_CHUNK = 64 * 1024
+# API methods that only read: sending one twice changes nothing upstream.
+_IDEMPOTENT = frozenset({"key/getkey", "data/listdataobjects", "message/getmessages"})
+# Failures of an idempotent call that another try may not repeat; the others would come back the same.
+_RETRYABLE = frozenset({"unreachable", "timeout", "http_5xx"})
+_RETRY_WINDOW = 10  # seconds of recent calls the retry budget is measured against
+_RETRY_JITTER = 0.025  # longest pause before a retry, in seconds, so that retries do not arrive in step
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x on the hot path; never changed
 class UpstreamAnswer:
     """What upstream sent back: status, body bytes, content type and the parsed outline if it is JSON."""
 
@@ -120,6 +128,47 @@ class Breaker:
         return max(0.0, self._open_until - self._clock())
 
 
+class RetryBudget:
+    """Allows retries only up to a share of recent upstream calls plus a small floor, as Finagle's budget."""
+
+    def __init__(self, config: RetryConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ratio = config.budget_percent / 100
+        self._floor = config.min_per_second * _RETRY_WINDOW
+        self._clock = clock
+        self._second = int(clock())
+        # calls and retries per second over the last _RETRY_WINDOW seconds, the current second last
+        self._calls: deque[int] = deque([0] * _RETRY_WINDOW, maxlen=_RETRY_WINDOW)
+        self._retries: deque[int] = deque([0] * _RETRY_WINDOW, maxlen=_RETRY_WINDOW)
+
+    def _roll(self) -> None:
+        now = int(self._clock())
+        for _ in range(min(now - self._second, _RETRY_WINDOW)):
+            self._calls.append(0)
+            self._retries.append(0)
+        self._second = now
+
+    def called(self) -> None:
+        """Count a call that goes upstream: each one adds a share of a retry to the budget."""
+        self._roll()
+        self._calls[-1] += 1
+
+    def withdraw(self) -> bool:
+        """Take one retry from the budget; False when recent retries have used it up."""
+        self._roll()
+        if sum(self._retries) + 1 > self._ratio * sum(self._calls) + self._floor:
+            return False
+        self._retries[-1] += 1
+        return True
+
+
+def _never_sent(failure: UpstreamFailure) -> bool:
+    """Whether a call failed before any byte of it left: refused, not resolved, connect timeout."""
+    cause = failure.__cause__
+    if isinstance(cause, aiohttp.ClientSSLError):
+        return False  # a certificate that does not verify will not verify on a second try either
+    return isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
 def make_ssl_context(config: UpstreamConfig) -> ssl.SSLContext:
     """TLS for the upstream: system trust store plus an optional extra CA file, verification always on."""
     context = ssl.create_default_context()
@@ -151,13 +200,21 @@ def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
 class Upstream:
     """Sends allowlisted calls to the one configured origin and classifies what comes back."""
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession, breaker: Breaker) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        breaker: Breaker,
+        retry_budget: RetryBudget | None = None,
+    ) -> None:
         self.config = config
         self.session = session
         self.breaker = breaker
+        self.retry_budget = retry_budget if retry_budget is not None else RetryBudget(config.retry)
         self._base = config.url.rstrip("/") + "/api/"
         self._inflight: dict[bytes, asyncio.Future[UpstreamAnswer]] = {}
         self.calls_sent = 0
+        self.retries_sent = 0
 
     def url_for(self, method: str, raw_query: str) -> URL:
         """The upstream URL of an API method: built from configuration only, never from the request."""
@@ -188,6 +245,9 @@ class Upstream:
     async def _guarded(
         self, method: str, http_method: str, body: bytes, raw_query: str, content_type: str | None
     ) -> UpstreamAnswer:
+        """One call through the breaker, tried once more if it never left or only reads, budget allowing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout  # a retry never makes the workstation wait longer
         if not self.breaker.allow():
             raise UpstreamFailure(
                 f"the licensing service is marked down after repeated failures ({self.breaker.last_failure});"
@@ -195,8 +255,44 @@ class Upstream:
                 kind="breaker_open",
                 status=503,
             )
+        self.retry_budget.called()
         try:
-            answer = await self._send(method, http_method, body, raw_query, content_type)
+            return await self._attempt(method, http_method, body, raw_query, content_type, None)
+        except UpstreamFailure as failure:
+            if not (_never_sent(failure) or (method in _IDEMPOTENT and failure.kind in _RETRYABLE)):
+                raise  # it may have reached upstream, and repeating it could change state twice
+            pause = random.uniform(0, _RETRY_JITTER)  # noqa: S311 (spreading retries, not a secret)
+            if loop.time() + pause >= deadline or not self.retry_budget.withdraw():
+                raise
+            await asyncio.sleep(pause)
+            if not self.breaker.allow():  # the failure may have opened it: a retry is no way around it
+                raise
+        self.retries_sent += 1
+        return await self._attempt(method, http_method, body, raw_query, content_type, deadline)
+
+    async def _attempt(
+        self,
+        method: str,
+        http_method: str,
+        body: bytes,
+        raw_query: str,
+        content_type: str | None,
+        deadline: float | None,
+    ) -> UpstreamAnswer:
+        """Send once, by `deadline` (loop time) if given, and tell the breaker how it went."""
+        try:
+            if deadline is None:
+                answer = await self._send(method, http_method, body, raw_query, content_type)
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        answer = await self._send(method, http_method, body, raw_query, content_type)
+                except TimeoutError as exc:  # _send turns its own timeouts into failures: this is ours
+                    raise UpstreamFailure(
+                        f"no answer from the licensing service within {self.config.timeout:g} s",
+                        kind="timeout",
+                        status=504,
+                    ) from exc
         except UpstreamFailure as failure:
             self.breaker.failed(failure.reason)
             raise
@@ -263,6 +359,12 @@ class Upstream:
 
     async def _read_limited(self, response: aiohttp.ClientResponse) -> bytes:
         limit = self.config.max_answer_bytes
+        # An answer announcing more is refused from its headers, before its body costs time; a compressed
+        # one is judged by what it inflates to, counted below.
+        if "Content-Encoding" not in response.headers and (response.content_length or 0) > limit:
+            raise UpstreamFailure(
+                f"the licensing service announced an answer larger than {limit} bytes", kind="too_large"
+            )
         chunks: list[bytes] = []
         size = 0
         while chunk := await response.content.read(_READ_CHUNK):
