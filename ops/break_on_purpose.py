@@ -37,6 +37,7 @@ class Sabotage:
 FAULTS = "tests/test_faults.py"
 FUZZ = "tests/test_fuzz.py"
 HOSTILE = "tests/test_hostile.py"
+STORMS = "tests/test_storms.py"
 
 SABOTAGES = (
     # -- upstream faults ---------------------------------------------------------------------------
@@ -180,6 +181,64 @@ SABOTAGES = (
         "    if not signature or value >= modulus:",
         "    if not signature:",
         (f"{FUZZ}::TestSignatures::test_longer_signature_rejected",),
+    ),
+    # -- storms: retries, breaker, coalescing, offline --------------------------------------------
+    Sabotage(
+        "activate never repeated",
+        "license_server/upstream.py",
+        "if not (_never_sent(failure) or (method in _IDEMPOTENT and failure.kind in _RETRYABLE)):",
+        "if not (_never_sent(failure) or failure.kind in _RETRYABLE):",
+        (f"{STORMS}::TestRetryBudget::test_state_changing_call_reaches_upstream_once",),
+    ),
+    Sabotage(
+        "retries within the budget",
+        "license_server/upstream.py",
+        "if sum(self._retries) + 1 > self._ratio * sum(self._calls) + self._floor:",
+        "if sum(self._retries) + 1 > 2 * sum(self._calls) + self._floor:",
+        (f"{STORMS}::TestRetryBudget::test_flood_of_failing_get_key_within_budget",),
+    ),
+    Sabotage(
+        "retries never past the breaker",
+        "license_server/upstream.py",
+        "if not self.breaker.allow():  # the failure may have opened it",
+        "if False:  # the failure may have opened it",
+        (f"{STORMS}::TestRetryBudget::test_retry_does_not_bypass_breaker",),
+    ),
+    Sabotage(
+        "retries within the call's timeout",
+        "license_server/upstream.py",
+        "deadline = loop.time() + self.config.timeout",
+        "deadline = loop.time() + 2 * self.config.timeout",
+        (f"{STORMS}::TestRetryBudget::test_retry_stays_within_call_timeout",),
+    ),
+    Sabotage(
+        "identical GetKeys coalesced",
+        "license_server/upstream.py",
+        "self._inflight[coalesce_key] = task",
+        'self._inflight[coalesce_key + b"-"] = task',
+        (f"{STORMS}::TestCoalescing::test_500_identical_get_keys_one_upstream_call",),
+    ),
+    Sabotage(
+        "offline makes no connection",
+        "license_server/app.py",
+        "if config.upstream.offline:",
+        "if config.upstream.offline and False:",
+        (f"{STORMS}::TestOfflineTripwire::test_offline_never_looks_up_or_connects",),
+    ),
+    Sabotage(
+        "breaker backs off",
+        "license_server/upstream.py",
+        "self._delay = min(self._delay * 2, self._config.max_reset_after)",
+        "self._delay = min(self._delay * 1, self._config.max_reset_after)",
+        (f"{STORMS}::TestBreakerUnderLoad::test_refused_for_a_minute",),
+    ),
+    Sabotage(
+        "every call audited during an outage",
+        "license_server/handlers.py",
+        "await services.audit.append(_record(request, request_id, method, call, outcome, elapsed))",
+        "await services.audit.append(_record(request, request_id, method, call, outcome, elapsed))"
+        " if outcome.age is None else None",
+        (f"{STORMS}::TestOutageMinute::test_minute_of_500s_with_200_workstations",),
     ),
 )
 
