@@ -8,13 +8,13 @@ import itertools
 import math
 import operator
 import sqlite3
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from license_server.audit.search import aligned, csv_value, printable, write_json
 
@@ -57,19 +57,32 @@ Span = tuple[str, int, int]  # a machine present from one bucket to another, bot
 # Leases live within the range, cut to it; a lease is live on [started, end), a release ends it early.
 _LEASES = (
     "SELECT machine_code, start, stop FROM ("
-    " SELECT machine_code, max(started, ?) AS start,"
-    "  min(CASE WHEN released IS NOT NULL AND released < expires THEN released ELSE expires END, ?) AS stop"
-    " FROM leases WHERE product_id = ? AND license_key = ? AND started < ? AND expires > ?"
+    " SELECT machine_code, max(started, :since) AS start,"
+    "  min(CASE WHEN released IS NOT NULL AND released < expires THEN released ELSE expires END, :until)"
+    "  AS stop"
+    " FROM leases WHERE product_id = :product AND license_key = :key"
+    "  AND started < :until AND expires > :since"
     ") WHERE stop > start"
 )
-_ACTIVITY = (
-    "SELECT machine_code, min(floating) FROM activity"
-    " WHERE product_id = ? AND license_key = ? AND hour >= ? AND hour < ? GROUP BY machine_code"
+# Each call row's bucket: the hour that holds `since` counts whole, as the ledger keeps calls by the hour.
+# `(hour - origin + size) / size - 1` floors as math.floor does for every hour from one bucket before the
+# first on, which is as early as that hour can be; a machine is node-locked where it called without a seat.
+_CALLED = (
+    "SELECT (hour - :origin + :size) / :size - 1 AS bucket, machine_code, floating = 0 AS node_locked"
+    " FROM activity WHERE product_id = :product AND license_key = :key AND hour >= :hour AND hour < :until"
 )
-_NEXT_HOUR = "SELECT min(hour) FROM activity WHERE product_id = ? AND license_key = ? AND hour >= ?"
+# For a license without leases in the range, SQL counts each bucket's machines, and node-locked ones.
+_PRESENT = (
+    "SELECT bucket, count(DISTINCT machine_code),"  # noqa: S608
+    " count(DISTINCT CASE WHEN node_locked THEN machine_code END)"
+    f" FROM ({_CALLED}) GROUP BY bucket"
+)
+# For one with leases, presence() adds their machines to these: each machine that called in a bucket, once,
+# whether it was node-locked there, in bucket order.
+_CALLERS = f"SELECT bucket, machine_code, max(node_locked) FROM ({_CALLED}) GROUP BY bucket, machine_code"  # noqa: S608
 _DENIALS = (
-    "SELECT CAST((time - ?) / ? AS INTEGER) AS bucket, count(*) FROM denials"
-    " WHERE product_id = ? AND license_key = ? AND time >= ? AND time < ? GROUP BY bucket"
+    "SELECT CAST((time - :origin) / :size AS INTEGER) AS bucket, count(*) FROM denials"
+    " WHERE product_id = :product AND license_key = :key AND time >= :since AND time < :until GROUP BY bucket"
 )
 _MACHINES = (
     "SELECT friendly_name, product_id, license_key, machine_code, first_seen, last_seen, client, calls,"
@@ -236,9 +249,8 @@ class SeatQuery:
     key: str | None = None  # license key, any case
 
 
-@dataclass(frozen=True, slots=True)
-class SeatRow:
-    """One license in one bucket."""
+class SeatRow(NamedTuple):
+    """One license in one bucket (a tuple: a year of a big site has hundreds of thousands)."""
 
     product_id: str
     key: str
@@ -343,27 +355,50 @@ def _usage(
     """One license's rows for the buckets that saw a lease, activity or a denial."""
     product, key = license
     limit = _limit(db, license)
-    leases: list[tuple[str, float, float]] = db.execute(
-        _LEASES, (query.since, query.until, *license, query.until, query.since)
-    ).fetchall()
+    params = {
+        "product": product,
+        "key": key,
+        "since": query.since,
+        "until": query.until,
+        "hour": math.floor(query.since / EVERY["hour"]) * EVERY["hour"],
+        "origin": buckets.origin,
+        "size": buckets.size,
+    }
+    leases: list[tuple[str, float, float]] = db.execute(_LEASES, params).fetchall()
     seats = sweep([row[1] for row in leases], [row[2] for row in leases], buckets, max_steps=max_steps)
-    spans, node_locked = _activity(db, license, query, buckets)
-    spans.extend(_lease_spans(leases, buckets))
-    spans.sort(key=operator.itemgetter(1))  # as presence wants them; two sorted runs merge in one pass
-    machines = presence(spans)
-    denials = _denials(db, license, query, buckets)
+    machines: dict[int, int] = {}
+    node_locked: dict[int, int] = {}
+    # A license with leases gets its machines merged here: in SQL the leases would be read a second time
+    # and every bucket of every lease sorted, which is slower for licenses with many leases.
+    if leases:
+        spans: list[Span] = []
+        for index, machine, locked in db.execute(_CALLERS, params):
+            spans.append((machine, index, index))
+            if locked:
+                node_locked[index] = node_locked.get(index, 0) + 1
+        spans.extend(_lease_spans(leases, buckets))
+        spans.sort(key=operator.itemgetter(1))  # as presence wants them; two sorted runs merge in one pass
+        machines = presence(spans)
+    else:
+        for index, distinct, locked in db.execute(_PRESENT, params):
+            machines[index] = distinct
+            if locked:
+                node_locked[index] = locked
+    denials: dict[int, int] = dict(db.execute(_DENIALS, params).fetchall())
+    peaks = seats.peaks
+    origin, size = buckets.origin, buckets.size
     rows = tuple(
         SeatRow(
             product,
             key,
-            buckets.start(index),
-            seats.peaks.get(index, 0),
+            origin + index * size,
+            peaks.get(index, 0),
             limit,
             node_locked.get(index, 0),
             machines.get(index, 0),
             denials.get(index, 0),
         )
-        for index in sorted(seats.peaks.keys() | machines.keys() | denials.keys())
+        for index in sorted(peaks.keys() | machines.keys() | denials.keys())
     )
     steps = tuple(seats.steps) if seats.steps is not None else None
     return LicenseUsage(product, key, limit, rows, steps)
@@ -382,39 +417,6 @@ def _lease_spans(leases: list[tuple[str, float, float]], buckets: Buckets) -> li
         (machine, math.floor((start - origin) / size), math.ceil((end - origin) / size) - 1)
         for machine, start, end in leases
     ]
-
-
-def _activity(
-    db: sqlite3.Connection, license: License, query: SeatQuery, buckets: Buckets
-) -> tuple[list[Span], Counter[int]]:
-    """Machines that called in each bucket, in bucket order, and how many called without a floating seat."""
-    spans: list[Span] = []
-    node_locked: Counter[int] = Counter()
-    # The hour that holds `since` counts whole: the ledger keeps calls by the hour.
-    hour = _next_hour(db, license, math.floor(query.since / EVERY["hour"]) * EVERY["hour"])
-    # A query per bucket that has calls: each groups only its own rows, which takes half the time of
-    # grouping the whole range at once; empty buckets are skipped by one seek.
-    while hour is not None and hour < query.until:
-        index = buckets.index(hour)
-        end = min(buckets.start(index + 1), query.until)
-        for machine, floating in db.execute(_ACTIVITY, (*license, hour, end)):
-            spans.append((str(machine), index, index))
-            if not floating:
-                node_locked[index] += 1
-        hour = _next_hour(db, license, end)
-    return spans, node_locked
-
-
-def _next_hour(db: sqlite3.Connection, license: License, hour: float) -> int | None:
-    """The first hour at or after `hour` in which the license had calls, if any."""
-    found = db.execute(_NEXT_HOUR, (*license, hour)).fetchone()[0]
-    return None if found is None else int(found)
-
-
-def _denials(db: sqlite3.Connection, license: License, query: SeatQuery, buckets: Buckets) -> dict[int, int]:
-    """Denials per bucket."""
-    params = (buckets.origin, buckets.size, *license, query.since, query.until)
-    return {int(index): int(count) for index, count in db.execute(_DENIALS, params)}
 
 
 def license_summary(usage: LicenseUsage) -> str:
@@ -504,8 +506,9 @@ def write_seats(report: SeatReport, out: TextIO, form: str) -> int:
     """Write the seat report as a table, CSV or JSON lines; returns how many rows."""
     if form == "table":
         return _write_seat_table(report, out)
-    rows = [row.as_dict() for row in report.rows()]
-    return write_json(rows, out) if form == "json" else _write_csv(rows, SEAT_COLUMNS, out)
+    if form == "json":
+        return write_json((row.as_dict() for row in report.rows()), out)
+    return _write_seat_csv(report, out)
 
 
 def write_machines(rows: list[dict[str, object]], out: TextIO, form: str) -> int:
@@ -569,6 +572,33 @@ def _write_table(
         out.write(aligned(row, widths, columns, numbers))
         if number in footers:
             out.write(f"  {footers[number]}\n" + ("\n" if number + 1 < len(cells) else ""))
+
+
+def _write_seat_csv(report: SeatReport, out: TextIO) -> int:
+    """The seat rows as CSV, as _write_csv writes them, a license at a time."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SEAT_COLUMNS)
+    stamps: dict[int, str | None] = {}  # interval starts repeat across licenses: each is formatted once
+    written = 0
+    for usage in report.licenses:
+        for row in usage.rows:
+            start = row.interval_start
+            stamp = stamps[start] if start in stamps else stamps.setdefault(start, iso(start))
+            limit = "" if row.seat_limit is None else row.seat_limit
+            writer.writerow(
+                (
+                    row.product_id,
+                    row.key,
+                    stamp,
+                    row.peak_seats,
+                    limit,
+                    row.node_locked_machines,
+                    row.distinct_machines,
+                    row.denials,
+                )
+            )
+        written += len(usage.rows)
+    return written
 
 
 def _write_csv(rows: list[dict[str, object]], columns: Sequence[str], out: TextIO) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench import ledger as bench_ledger
 from license_server import charts, reports
 from license_server.cli import main
 from license_server.reports import Buckets, MachineQuery, SeatQuery, SeatReport
@@ -311,6 +313,26 @@ def test_activity_in_the_hour_that_holds_since_counts(ledger: Ledger) -> None:
     assert column(rows, "node_locked_machines") == {stamp(3, 8): 1}
 
 
+def test_activity_in_the_hour_that_starts_at_until_does_not_count(ledger: Ledger) -> None:
+    ledger.activity("desk", at(3, 11), floating=False)
+    ledger.activity("desk", at(3, 12), floating=False)
+    rows = ledger.rows(at(3, 8), at(3, 12), "hour")
+    assert column(rows, "node_locked_machines") == {stamp(3, 11): 1}
+
+
+@pytest.mark.parametrize("leased", [False, True])
+def test_a_machine_that_called_with_and_without_a_seat_counts_once_as_node_locked(
+    ledger: Ledger, *, leased: bool
+) -> None:
+    ledger.activity("desk", at(3, 8), floating=True)
+    ledger.activity("desk", at(3, 9), floating=False)
+    ledger.activity("desk", at(3, 10), floating=True)
+    if leased:  # a license with leases has its machines counted another way
+        ledger.lease("laptop", at(3, 8), at(3, 9))
+    (row,) = ledger.rows(at(3), at(4))
+    assert (row["node_locked_machines"], row["distinct_machines"]) == (1, 2 if leased else 1)
+
+
 def test_product_and_key_filters(ledger: Ledger) -> None:
     ledger.lease("a", at(3, 8), at(3, 9))
     ledger.lease("b", at(3, 8), at(3, 9), key=OTHER_KEY)
@@ -410,6 +432,223 @@ def test_presence_counts_each_machine_once_per_bucket(spans: list[tuple[str, int
             expected.setdefault(index, set()).add(machine)
     counted = reports.presence(sorted(spans, key=lambda span: span[1]))
     assert counted == {index: len(machines) for index, machines in expected.items()}
+
+
+# --- the report against a plain computation -----------------------------------------------------------
+
+Row = tuple[str, str, int, int, int | None, int, int, int]  # a SeatRow's fields in order
+LICENSES = ((PRODUCT, KEY), (PRODUCT, OTHER_KEY), ("77", KEY))
+MINUTE = 60
+
+
+def plain_rows(path: Path, query: SeatQuery) -> list[Row]:
+    """The seat report's rows the slow, obvious way: every bucket of every license, looking at every row."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        leases = db.execute(
+            "SELECT product_id, license_key, machine_code, started, expires, released FROM leases"
+        ).fetchall()
+        activity = db.execute(
+            "SELECT product_id, license_key, hour, machine_code, floating FROM activity"
+        ).fetchall()
+        denials = db.execute("SELECT product_id, license_key, time FROM denials").fetchall()
+        known = db.execute("SELECT product_id, license_key, max_machines FROM licenses").fetchall()
+    limits = {(product, key): limit for product, key, limit in known}
+    since, until = query.since, query.until
+    buckets = Buckets.covering(since, until, query.every)
+    first_hour = math.floor(since / HOUR) * HOUR  # calls are kept by the hour: the one holding since counts
+    found = {(row[0], row[1]) for row in [*leases, *activity, *denials]}
+    wanted = sorted(
+        (product, key)
+        for product, key in found
+        if query.product in (None, product) and (query.key is None or key.casefold() == query.key.casefold())
+    )
+    rows: list[Row] = []
+    for license in wanted:
+        live = [
+            (
+                machine,
+                max(started, since),
+                min(released if released is not None and released < expires else expires, until),
+            )
+            for *owner, machine, started, expires, released in leases
+            if tuple(owner) == license
+        ]
+        live = [(machine, start, end) for machine, start, end in live if end > start]
+        calls = [
+            (hour, machine, floating)
+            for *owner, hour, machine, floating in activity
+            if tuple(owner) == license
+        ]
+        refused = [moment for *owner, moment in denials if tuple(owner) == license]
+        for index in range(buckets.count):
+            low, high = buckets.start(index), buckets.start(index + 1)
+            moments = [max(low, since), *(start for _, start, _ in live if low <= start < high)]
+            peak = max(sum(1 for _, start, end in live if start <= moment < end) for moment in moments)
+            called: dict[str, int] = {}  # machine -> the least `floating` of its calls in the bucket
+            for hour, machine, floating in calls:
+                if max(low, first_hour) <= hour < min(high, until):
+                    called[machine] = min(floating, called.get(machine, floating))
+            leased = {machine for machine, start, end in live if start < high and end > low}
+            present = len(called.keys() | leased)
+            node_locked = sum(1 for floating in called.values() if floating == 0)
+            denied = sum(1 for moment in refused if max(low, since) <= moment < min(high, until))
+            if peak or present or denied:
+                rows.append((*license, low, peak, limits.get(license), node_locked, present, denied))
+    return rows
+
+
+def report_rows(report: SeatReport) -> list[Row]:
+    """The report's rows as plain tuples."""
+    return [
+        (
+            row.product_id,
+            row.key,
+            row.interval_start,
+            row.peak_seats,
+            row.seat_limit,
+            row.node_locked_machines,
+            row.distinct_machines,
+            row.denials,
+        )
+        for row in report.rows()
+    ]
+
+
+def plain_records(rows: list[Row]) -> list[dict[str, object]]:
+    """Rows as JSON lines promise them: the report's columns, times as ISO 8601 UTC to the second."""
+    records = []
+    for row in rows:
+        record: dict[str, object] = dict(zip(reports.SEAT_COLUMNS, row, strict=True))
+        record["interval_start"] = datetime.fromtimestamp(row[2], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        records.append(record)
+    return records
+
+
+def plain_csv(rows: list[Row]) -> str:
+    """Rows as the CSV format promises them: a header, then a line per row with null empty."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=reports.SEAT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for record in plain_records(rows):
+        writer.writerow({name: "" if value is None else value for name, value in record.items()})
+    return out.getvalue()
+
+
+def assert_matches_plain(path: Path, query: SeatQuery) -> None:
+    """The report, its CSV and its JSON lines agree with the plain computation."""
+    expected = plain_rows(path, query)
+    with contextlib.closing(reports.open_ledger(path)) as db:
+        report = reports.seat_report(db, query)
+    assert report_rows(report) == expected
+    assert [(usage.product_id, usage.key) for usage in report.licenses] == sorted(
+        {row[:2] for row in expected}
+    )
+    out = io.StringIO()
+    assert reports.write_seats(report, out, "csv") == len(expected)
+    assert out.getvalue() == plain_csv(expected)
+    out = io.StringIO()
+    assert reports.write_seats(report, out, "json") == len(expected)
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == plain_records(expected)
+
+
+# Times in minutes from Monday 2 November, two days before it to ten after; one in two on a whole hour,
+# so that they often fall on bucket edges, the range's ends and each other.
+minutes = st.integers(-2 * 24 * 60, 10 * 24 * 60) | st.integers(-2 * 24, 10 * 24).map(lambda hour: hour * 60)
+lengths = st.integers(1, 3 * 24 * 60) | st.integers(1, 3 * 24).map(lambda hours: hours * 60)
+limits = st.none() | st.integers(0, 3)
+leases = st.tuples(st.sampled_from("abcd"), minutes, lengths, st.none() | minutes)
+calls = st.tuples(st.integers(-48, 240), st.sampled_from("abcde"))  # (hour from Monday, machine)
+denials = st.lists(st.tuples(st.sampled_from("xy"), minutes), max_size=3)
+# The first license is floating, the second node-locked (no leases: its counts are SQL's), the third has
+# a little of everything, and they check that licenses do not mix.
+lease_lists = (st.lists(leases, max_size=8), st.just([]), st.lists(leases, max_size=3))
+call_maps = tuple(st.dictionaries(calls, st.integers(0, 1), max_size=size) for size in (16, 16, 4))
+
+
+@st.composite
+def ledgers(draw: st.DrawFn) -> list[tuple[str, tuple[object, ...]]]:
+    """A small random ledger as (table, row) pairs: times on whole minutes, so often on bucket edges."""
+    rows: list[tuple[str, tuple[object, ...]]] = []
+    for number, (product, key) in enumerate(LICENSES):
+        limit = draw(limits)
+        if limit is not None:
+            rows.append(("licenses", (product, key, limit, 0)))
+        for machine, start, length, release in draw(lease_lists[number]):
+            started = at(2) + start * MINUTE
+            released = None if release is None else at(2) + release * MINUTE
+            rows.append(("leases", (product, key, machine, started, started + length * MINUTE, released)))
+        rows.extend(
+            ("activity", (product, key, int(at(2)) + hour * HOUR, machine, floating))
+            for (hour, machine), floating in draw(call_maps[number]).items()
+        )
+        rows.extend(
+            ("denials", (product, key, machine, at(2) + moment * MINUTE)) for machine, moment in draw(denials)
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
+    """One ledger that each example empties and fills again: a new file each time costs its fsyncs."""
+    built = Ledger(tmp_path_factory.mktemp("scratch"))
+    built.db.execute("PRAGMA synchronous=OFF")
+    yield built
+    built.close()
+
+
+def refill(ledger: Ledger, rows: list[tuple[str, tuple[object, ...]]]) -> None:
+    """Replace everything in the ledger by (table, row) pairs, in one transaction."""
+    sql = {
+        "licenses": "INSERT INTO licenses VALUES (?, ?, ?, ?)",
+        "leases": "INSERT INTO leases (product_id, license_key, machine_code, started, expires, released,"
+        " overdraft, renewals, granted_by, boot_id, deadline)"
+        " VALUES (?, ?, ?, ?, ?, ?, 0, 0, 'upstream', 'b', 0)",
+        "activity": "INSERT INTO activity VALUES (?, ?, ?, ?, ?, 1)",
+        "denials": "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message)"
+        " VALUES (?, ?, ?, ?, 'local', 'limit reached')",
+    }
+    ledger.db.execute("BEGIN")
+    for table in sql:
+        ledger.db.execute(f"DELETE FROM {table}")  # noqa: S608
+    for table, row in rows:
+        ledger.db.execute(sql[table], row)
+    ledger.db.execute("COMMIT")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=ledgers(),
+    since=minutes,
+    fraction=st.sampled_from([0.0, 0.0, 0.25, 59.5]),
+    length=st.integers(1, 9 * 24 * 60) | st.integers(1, 9 * 24).map(lambda hours: hours * 60),
+    every=st.sampled_from(sorted(reports.EVERY)),
+    product=st.sampled_from([None, PRODUCT, "77", "5"]),
+    key=st.sampled_from([None, KEY.lower(), OTHER_KEY]),
+)
+def test_the_report_matches_a_plain_computation(
+    scratch: Ledger,
+    rows: list[tuple[str, tuple[object, ...]]],
+    since: int,
+    fraction: float,
+    length: int,
+    every: str,
+    product: str | None,
+    key: str | None,
+) -> None:
+    refill(scratch, rows)
+    low = at(2) + since * MINUTE + fraction
+    query = SeatQuery(since=low, until=low + length * MINUTE, every=every, product=product, key=key)
+    assert_matches_plain(scratch.path, query)
+
+
+@pytest.mark.parametrize("every", ["day", "week"])
+def test_the_benchmark_ledger_matches_a_plain_computation(tmp_path: Path, every: str) -> None:
+    path = tmp_path / reports.LEDGER_NAME
+    bench_ledger.build(path, bench_ledger.LedgerShape().scaled(licenses=10, days=21))
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        first, last = db.execute("SELECT min(hour), max(hour) FROM activity").fetchone()
+    # From inside the first day with calls (so that its first hour counts whole) to past the last call.
+    assert_matches_plain(path, SeatQuery(since=first + 1800.5, until=last + 2 * DAY, every=every))
 
 
 # --- output ---------------------------------------------------------------------------------------------
