@@ -23,7 +23,7 @@ from license_server.logs import CallLine, structlog_call_line
 from license_server.metrics import Metrics, Snapshot
 from license_server.proxy import Licensing
 from license_server.seats import BootClock, LeaseClock, SeatLedger
-from license_server.signatures import KeyRing, load_public_key
+from license_server.signatures import load_keyring
 from license_server.state import StateLock, load_fingerprint_key
 from license_server.store import Store
 from license_server.upstream import Breaker, Upstream, make_session
@@ -40,15 +40,10 @@ _COMMON_PATHS = (  # as the SDKs send them: Python; Node and C++; .NET
 )
 
 
-def load_keyring(config: Config) -> KeyRing:
-    """Parse the configured vendor public keys."""
-    return KeyRing([load_public_key(text) for text in config.public_keys])
-
-
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open state, audit trail, upstream session and policy; close whatever was opened, in reverse order."""
     config = app[CONFIG]
-    keyring = load_keyring(config)
+    keyring = load_keyring(config.public_keys)
     async with contextlib.AsyncExitStack() as opened:
         folders = [config.state_dir]
         if not config.audit_dir.is_relative_to(config.state_dir):
@@ -161,7 +156,7 @@ async def reload(app: web.Application, config: Config) -> list[str]:
     """
     services = app[SERVICES]
     old = services.config
-    keyring = load_keyring(config)
+    keyring = load_keyring(config.public_keys)
     files, problems = await asyncio.to_thread(LicenseFiles.load, config.license_files, keyring)
     for problem in problems:
         log.warning("license_file_skipped", path=str(problem.path), reason=problem.reason)
@@ -223,4 +218,4 @@ def create_app(
     return app
 
 
-__all__ = ["CLOCK", "CONFIG", "GUARD", "SERVICES", "Services", "create_app", "load_keyring", "reload"]
+__all__ = ["CLOCK", "CONFIG", "GUARD", "SERVICES", "Services", "create_app", "reload"]

@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from license_server import __version__, charts, logs, reports
-from license_server.app import load_keyring
 from license_server.audit import search as audit_search
 from license_server.audit import verify as audit_verify
 from license_server.config import Config, ConfigError, describe, load_config
 from license_server.license_files import LicenseFiles
-from license_server.server import serve
-from license_server.signatures import KeyFormatError
+from license_server.signatures import KeyFormatError, load_keyring
 from license_server.state import StateInUseError
 
 
@@ -180,7 +178,7 @@ def _load(args: argparse.Namespace) -> Config:
 def _check(config: Config) -> list[str]:
     """Problems beyond the file's syntax: vendor keys that do not parse, license files that do not verify."""
     try:
-        keyring = load_keyring(config)
+        keyring = load_keyring(config.public_keys)
     except KeyFormatError as exc:
         return [f"public_key: {exc}"]
     _, problems = LicenseFiles.load(config.license_files, keyring)
@@ -208,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(describe(config), indent=2, default=str))
         return 0
     try:
-        load_keyring(config)
+        load_keyring(config.public_keys)
     except KeyFormatError as exc:
         print(f"license-server: configuration error: public_key: {exc}", file=sys.stderr)
         return 2
@@ -217,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # instead of the default 5 ms, which would otherwise show up as latency on every waiting call.
     sys.setswitchinterval(0.001)
     try:
+        from license_server.server import serve  # here: the report and audit commands start faster without it
+
         asyncio.run(serve(config, load=lambda: _load(args), call_line=logging.call_line))
     except (OSError, StateInUseError) as exc:
         print(f"license-server: cannot start: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -199,6 +199,11 @@ def _xml_integer(parts: Mapping[str, str], name: str) -> int:
     if value == 0:
         raise KeyFormatError(f"<{name}> is zero")
     return value
+
+
+def load_keyring(texts: Iterable[str]) -> KeyRing:
+    """Parse vendor public keys (each XML, PEM, or a path to a file holding either) into a key ring."""
+    return KeyRing([load_public_key(text) for text in texts])
 
 
 class KeyRing:
