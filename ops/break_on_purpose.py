@@ -38,6 +38,7 @@ FAULTS = "tests/test_faults.py"
 FUZZ = "tests/test_fuzz.py"
 HOSTILE = "tests/test_hostile.py"
 STORMS = "tests/test_storms.py"
+REPORTS = "tests/test_reports.py"
 
 SABOTAGES = (
     # -- upstream faults ---------------------------------------------------------------------------
@@ -239,6 +240,35 @@ SABOTAGES = (
         "await services.audit.append(_record(request, request_id, method, call, outcome, elapsed))"
         " if outcome.age is None else None",
         (f"{STORMS}::TestOutageMinute::test_minute_of_500s_with_200_workstations",),
+    ),
+    # -- seat reports -------------------------------------------------------------------------------
+    Sabotage(
+        "node-locked machines told from floating ones",
+        "license_server/reports.py",
+        "floating = 0 AS node_locked",
+        "floating = 1 AS node_locked",
+        (f"{REPORTS}::test_node_locked_and_distinct_machines",),
+    ),
+    Sabotage(
+        "machines counted once per bucket",
+        "license_server/reports.py",
+        '"SELECT bucket, count(DISTINCT machine_code),"',
+        '"SELECT bucket, count(machine_code),"',
+        (f"{REPORTS}::test_a_machine_that_called_with_and_without_a_seat_counts_once_as_node_locked",),
+    ),
+    Sabotage(
+        "calls in the right bucket",
+        "license_server/reports.py",
+        "(hour - :origin + :size) / :size - 1 AS bucket",
+        "(hour - :origin + :size) / :size AS bucket",
+        (f"{REPORTS}::test_the_benchmark_ledger_matches_a_plain_computation",),
+    ),
+    Sabotage(
+        "the range's end is exclusive",
+        "license_server/reports.py",
+        "AND hour >= :hour AND hour < :until",
+        "AND hour >= :hour AND hour <= :until",
+        (f"{REPORTS}::test_activity_in_the_hour_that_starts_at_until_does_not_count",),
     ),
 )
 
