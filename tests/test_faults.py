@@ -615,3 +615,62 @@ class TestTlsFaults:
         assert services.upstream is not None
         assert services.upstream.breaker.last_failure is not None
         assert reason in services.upstream.breaker.last_failure
+
+
+class TestUpstreamHeaders:
+    """Nothing in upstream's headers reaches a workstation but the Content-Type, and never a line break."""
+
+    DAEMON_HEADERS = frozenset(
+        {
+            "content-type",
+            "content-length",
+            "date",
+            "server",
+            "x-license-server-source",
+            "x-license-server-age",
+            "x-request-id",
+        }
+    )
+
+    @pytest.mark.parametrize(
+        "extra",
+        [
+            # hop-by-hop headers, and a header the Connection header names
+            (
+                "Connection: keep-alive, X-Secret",
+                "Keep-Alive: timeout=5",
+                "X-Secret: 1",
+                "Upgrade: h2c",
+                "Proxy-Authenticate: Basic",
+                "Trailer: X-After",
+            ),
+            # headers a workstation must never be handed by the licensing service
+            ("Set-Cookie: session=1; Path=/", "Location: http://10.0.0.1/", "Access-Control-Allow-Origin: *"),
+            # an obsolete folded line trying to start a header of its own
+            (
+                "X-Note: a",
+                " X-Injected: 1",
+            ),
+        ],
+        ids=["hop-by-hop", "never-passed", "folded-line"],
+    )
+    async def test_only_content_type_passes(
+        self,
+        extra: tuple[str, ...],
+        fault_proxy: FaultProxy,
+        upstream: Upstream,
+        daemon_factory: DaemonFactory,
+    ) -> None:
+        """A signed answer with odd headers still reaches the workstation, with the daemon's headers only."""
+        daemon = await daemon_factory(*SETTINGS, url=fault_proxy.url)
+        status, _, good = await activate(daemon)
+        assert status == 200
+        await fault_proxy.set(
+            "serve",
+            canned=http_answer("200 OK", good, "Content-Type: application/json; charset=utf-8", *extra),
+        )
+        status, headers, body = await send_form(daemon.base, "/api/key/activate", activate_form())
+        assert status == 200
+        assert body == good
+        assert {name.lower() for name in headers} <= self.DAEMON_HEADERS
+        assert all("\r" not in value and "\n" not in value for value in headers.values())

@@ -6,15 +6,18 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
+from typing import ClassVar
 
 import pytest
 from aiohttp import http_parser
 
 from license_server.listener import ConnectionGuard, GuardedSite
-from tests.conftest import Daemon, Upstream
+from tests.admin_support import Admin
+from tests.conftest import Daemon, Upstream, send_form
 from tests.test_proxy import activate_form
 
 FORM = "&".join(f"{k}={v}" for k, v in activate_form().items())
+FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -44,6 +47,14 @@ async def raw(daemon: Daemon, request: bytes) -> tuple[int, bytes]:
     """Send raw bytes to the daemon; the status code and body of its first answer (0 if it just closed)."""
     assert daemon.server is not None
     status, _, body = await exchange(daemon.server.port, request)
+    return status, body
+
+
+async def raw_get(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET a raw request target, exactly as written (no client-side normalising); status and body."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{lines}Connection: close\r\n\r\n".encode()
+    status, _, body = await exchange(port, request)
     return status, body
 
 
@@ -190,3 +201,71 @@ class TestStalledBodies:
         finally:
             writer.close()
         assert upstream.fake.calls == []
+
+
+class TestIdentity:
+    """A client is the address it connects from: headers claiming otherwise are never believed."""
+
+    SPOOFED: ClassVar[dict[str, str]] = {
+        "X-Forwarded-For": "10.1.2.3",
+        "X-Real-IP": "10.1.2.3",
+        "Forwarded": "for=10.1.2.3",
+        "Client-IP": "10.1.2.3",
+    }
+
+    async def test_forwarded_headers_do_not_pass_the_allowlist(
+        self, daemon_factory: Callable[..., Awaitable[Daemon]], upstream: Upstream
+    ) -> None:
+        """A client outside `listen.allow` claiming an allowed address is refused; nothing goes upstream."""
+        daemon = await daemon_factory("listen.allow=[10.0.0.0/8]")
+        status, _, body = await send_form(
+            daemon.base, "/api/key/activate", activate_form(), headers={**FORM_HEADERS, **self.SPOOFED}
+        )
+        assert status == 403
+        assert json.loads(body)["result"] == 1
+        assert upstream.fake.calls == []
+
+    async def test_audit_names_the_real_peer(self, daemon: Daemon, upstream: Upstream) -> None:
+        """The audit record and the seat ledger name the connecting address, not a claimed one."""
+        status, headers, _ = await send_form(
+            daemon.base, "/api/key/activate", activate_form(), headers={**FORM_HEADERS, **self.SPOOFED}
+        )
+        assert status == 200
+        await daemon.flush()
+        records = [
+            json.loads(line)
+            for path in sorted((daemon.config.audit_dir).glob("audit-*.jsonl"))
+            for line in path.read_text().splitlines()
+        ]
+        [record] = [r for r in records if r.get("request_id") == headers["X-Request-Id"]]
+        assert record["client"] == "127.0.0.1"
+        assert "10.1.2.3" not in json.dumps(records)
+
+
+class TestAdminFiles:
+    """The console serves fixed assets only: no path reaches a file by name, however it is spelled."""
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/static/../config.yaml",
+            "/static/%2e%2e/%2e%2e/etc/passwd",
+            "/static/..%2f..%2fetc%2fpasswd",
+            "/static/console.css/../../../etc/passwd",
+            "//etc/passwd",
+            "/static/%00console.css",
+            "/api/../../state/answers.sqlite3",
+        ],
+    )
+    async def test_no_file_by_path(self, admin: Admin, path: str) -> None:
+        """Traversal spellings get a 404 or 400 even to a signed-in admin, never a file's content."""
+        status, body = await raw_get(admin.server.port, path, admin.bearer)
+        assert status in (400, 404), (status, body[:80])
+        assert b"root:" not in body
+        assert b"SQLite format" not in body
+
+    async def test_fixed_asset_served(self, admin: Admin) -> None:
+        """The same request with the asset's own path is answered: the refusals above are not a login wall."""
+        status, body = await raw_get(admin.server.port, "/static/console.css", admin.bearer)
+        assert status == 200
+        assert body
