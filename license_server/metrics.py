@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from license_server import __version__
@@ -22,13 +24,8 @@ class Metrics:
     def __init__(self, allowed_methods: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._methods = frozenset(allowed_methods)
-        self._call_children: dict[tuple[str, str, int], Counter] = {}
-        self.calls = Counter(
-            "license_server_calls",
-            "Workstation calls answered, by API method, what the daemon did, and HTTP status.",
-            ["api_method", "action", "status"],
-            registry=self.registry,
-        )
+        self._calls = _CallStats((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.registry.register(self._calls)
         self.upstream = Counter(
             "license_server_upstream_requests",
             "Calls sent upstream, by outcome (answered, refused, or why it failed).",
@@ -41,24 +38,13 @@ class Metrics:
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
             registry=self.registry,
         )
-        self.latency = Histogram(
-            "license_server_call_latency_seconds",
-            "The daemon's time to answer a workstation call, upstream included.",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=self.registry,
-        )
         Info("license_server_build", "The daemon's version.", registry=self.registry).info(
             {"version": __version__}
         )
 
     def count_call(self, method: str | None, action: str, status: int, elapsed: float) -> None:
         """Count one answered call and its latency."""
-        labels = (self.method_label(method), action, status)
-        child = self._call_children.get(labels)
-        if child is None:  # labels() takes a lock and builds a tuple key: done once per label set
-            child = self._call_children[labels] = self.calls.labels(labels[0], action, str(status))
-        child.inc()
-        self.latency.observe(elapsed)
+        self._calls.add((self.method_label(method), action, status), elapsed)
 
     def allow_methods(self, methods: Iterable[str]) -> None:
         """Follow a reloaded method allowlist for the api_method label."""
@@ -77,6 +63,47 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _CallStats(Collector):
+    """Calls by label set and their latency histogram, as plain numbers turned into metrics at scrape time.
+
+    prometheus_client's Counter and Histogram take a lock and walk the buckets in Python on every call; the
+    daemon counts on its event loop only, where a dict and a bisection do the same for a fraction of that.
+    """
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._bound_labels = [repr(float(bound)) for bound in bounds]  # as prometheus_client writes "le"
+        self._counts: dict[tuple[str, str, int], int] = {}
+        self._buckets = [0] * (len(bounds) + 1)  # the last one past every bound: +Inf only
+        self._sum = 0.0
+
+    def add(self, labels: tuple[str, str, int], elapsed: float) -> None:
+        """One call with these labels, answered in `elapsed` seconds."""
+        counts = self._counts
+        counts[labels] = counts.get(labels, 0) + 1
+        self._buckets[bisect.bisect_left(self._bounds, elapsed)] += 1  # "le": a bound counts its own value
+        self._sum += elapsed
+
+    def collect(self) -> Iterable[Metric]:
+        calls = CounterMetricFamily(
+            "license_server_calls",
+            "Workstation calls answered, by API method, what the daemon did, and HTTP status.",
+            labels=["api_method", "action", "status"],
+        )
+        for (method, action, status), count in sorted(self._counts.items()):
+            calls.add_metric([method, action, str(status)], count)
+        yield calls
+        cumulative = list(itertools.accumulate(self._buckets))
+        # cumulative has one more count than there are bounds: the +Inf bucket's
+        buckets = list(zip(self._bound_labels, cumulative, strict=False))
+        yield HistogramMetricFamily(
+            "license_server_call_latency_seconds",
+            "The daemon's time to answer a workstation call, upstream included.",
+            buckets=[*buckets, ("+Inf", cumulative[-1])],
+            sum_value=self._sum,
+        )
 
 
 class Snapshot:

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import yaml
 
+from license_server.metrics import Metrics
 from tests.conftest import LICENSE, TOKEN, Daemon, Upstream, send_form
 from tests.test_egress import make_tls
 from tests.test_process import DaemonProcess
@@ -262,3 +263,28 @@ class TestProcessOperations:
         assert status == 200
         proc.kill(signal.SIGTERM)
         assert await proc.wait() == 0
+
+
+class TestCallMetrics:
+    """Call counts and latencies as Prometheus reads them: bounded labels, cumulative inclusive buckets."""
+
+    def test_rendered(self) -> None:
+        """Every call counted once under its label set; each latency in its bucket and every one above it."""
+        metrics = Metrics(["key/activate"])
+        for elapsed in (0.0001, 0.0005, 0.0007, 0.003, 7.0):
+            metrics.count_call("key/activate", "kept_stale", 200, elapsed)
+        metrics.count_call("key/createkey", "refused", 403, 0.0002)
+        metrics.count_call(None, "refused", 404, 0.0002)
+        text = metrics.render().decode()
+        for line in (
+            'license_server_calls_total{action="kept_stale",api_method="key/activate",status="200"} 5.0',
+            'license_server_calls_total{action="refused",api_method="other",status="403"} 1.0',
+            'license_server_calls_total{action="refused",api_method="not_api",status="404"} 1.0',
+            'license_server_call_latency_seconds_bucket{le="0.0005"} 4.0',
+            'license_server_call_latency_seconds_bucket{le="0.001"} 5.0',
+            'license_server_call_latency_seconds_bucket{le="0.005"} 6.0',
+            'license_server_call_latency_seconds_bucket{le="5.0"} 6.0',
+            'license_server_call_latency_seconds_bucket{le="+Inf"} 7.0',
+            "license_server_call_latency_seconds_count 7.0",
+        ):
+            assert line in text, line
