@@ -163,7 +163,7 @@ class TestProcess:
         assert "state_flushed" in events
 
     async def test_token_never_written(self, process: DaemonProcess, upstream: Upstream) -> None:
-        """A canary token sent in forms, queries and bad requests appears in no log or state file."""
+        """A canary token in forms, queries, headers and bad requests appears in no log, metric or file."""
         canary = "canary-7f3e9a1c5b"
         upstream.fake.tokens.add(canary)
         await ws(process, upstream, "alice-pc", canary).activate()
@@ -180,8 +180,29 @@ class TestProcess:
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
             ) as r:
                 assert r.status == 400
+            async with session.post(
+                f"{process.base}/api/key/getkey?{query}",
+                headers={"Authorization": f"Bearer {canary}", "Cookie": f"t={canary}", "X-Token": canary},
+            ) as r:
+                assert r.status == 200
+        # Requests aiohttp's parser refuses, before any handler runs.
+        for broken in (
+            f"POST /api/key/activate?token={canary} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            "Content-Length: 5\r\n\r\nabcde",
+            f"GET /api/key/getkey?token={canary} HTTP/1.1\r\nHost: x\x00\r\nX-T: {canary}\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
+            writer.write(broken.encode())
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.split(b" ", 2)[1] == b"400", answer[:40]
+            assert canary.encode() not in answer
         upstream.fake.mode = "http500"
         await ws(process, upstream, "alice-pc", canary).activate()
+        async with aiohttp.ClientSession() as session:
+            for page in ("/metrics", "/status"):
+                async with session.get(f"{process.base}{page}") as r:
+                    assert canary not in await r.text(), page
         process.kill(signal.SIGTERM)
         assert await process.wait() == 0
         for path in process.tmp_path.rglob("*"):
