@@ -107,6 +107,14 @@ class TestParser:
             b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n",
             # a NUL in a header
             b"POST /api/key/activate HTTP/1.1\r\nHost: x\x00y\r\nContent-Length: 0\r\n\r\n",
+            # bare LF line endings
+            b"POST /api/key/activate HTTP/1.1\nHost: x\nContent-Length: 0\n\n",
+            b"POST /api/key/activate HTTP/1.1\r\nHost: x\nContent-Length: 0\r\n\r\n",
+            # a pipelined pair whose first request frames ambiguously: the second must never be read
+            b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 3\r\n\r\na=1",
         ],
     )
     async def test_smuggling_refused(self, listener: int, upstream: Upstream, request_bytes: bytes) -> None:
