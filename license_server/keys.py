@@ -48,7 +48,7 @@ class Services:
     metrics: Metrics
     kept_answers: int  # refreshed now and then from the store
     started: float
-    request_ids: RequestIds = field(default_factory=lambda: RequestIds())
+    request_ids: RequestIds = field(default_factory=RequestIds)
     retired: list[Upstream] = field(default_factory=list)  # replaced by a reload, closing once idle
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
