@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import functools
-import ipaddress
 import json
-import ssl
 import struct
 import time
 import tracemalloc
@@ -20,16 +17,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from license_server.app import SERVICES
 from tests.conftest import LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
 from tests.fault_proxy import FaultProxy
+from tests.pki import Pki
 from tests.test_process import DaemonProcess
-from tests.test_proxy import FAILURE_MODES, activate_form
+from tests.test_proxy import DAEMON_HEADERS, FAILURE_MODES, activate_form
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 DaemonFactory = Callable[..., Awaitable[Daemon]]
@@ -489,81 +483,6 @@ class TestRedirects:
 # --- TLS ---------------------------------------------------------------------------------------------
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-@dataclass
-class Pki:
-    """A private CA and a way to serve the fake upstream over TLS with certificates of any shape."""
-
-    directory: Path
-    ca_key: ec.EllipticCurvePrivateKey
-    ca_cert: x509.Certificate
-
-    @classmethod
-    def create(cls, directory: Path) -> Pki:
-        """A fresh CA, written to `ca.pem` in the folder."""
-        now = datetime.datetime.now(datetime.UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name("fault test CA"))
-            .issuer_name(_name("fault test CA"))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return cls(directory, key, cert)
-
-    @property
-    def ca_file(self) -> Path:
-        """The CA certificate as a PEM file, for upstream.ca_file."""
-        return self.directory / "ca.pem"
-
-    def server_context(
-        self, name: str, *, host: str = "127.0.0.1", expired: bool = False, self_signed: bool = False
-    ) -> ssl.SSLContext:
-        """A server TLS context whose certificate names `host`, signed by the CA unless self-signed."""
-        now = datetime.datetime.now(datetime.UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
-        try:
-            alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            alt = x509.DNSName(host)
-        issuer_key, issuer = (key, _name(host)) if self_signed else (self.ca_key, self.ca_cert.subject)
-        valid_until = now - datetime.timedelta(days=1) if expired else now + datetime.timedelta(days=1)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(host))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=10))
-            .not_valid_after(valid_until)
-            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
-            )
-            .sign(issuer_key, hashes.SHA256())
-        )
-        cert_file, key_file = self.directory / f"{name}.pem", self.directory / f"{name}.key"
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert_file, key_file)
-        return context
-
-
 TLS_FAULTS = {
     "self_signed": ({"self_signed": True}, "self-signed certificate"),
     "wrong_host": ({"host": "licensing.example"}, "IP address mismatch"),
@@ -620,18 +539,6 @@ class TestTlsFaults:
 class TestUpstreamHeaders:
     """Nothing in upstream's headers reaches a workstation but the Content-Type, and never a line break."""
 
-    DAEMON_HEADERS = frozenset(
-        {
-            "content-type",
-            "content-length",
-            "date",
-            "server",
-            "x-license-server-source",
-            "x-license-server-age",
-            "x-request-id",
-        }
-    )
-
     @pytest.mark.parametrize(
         "extra",
         [
@@ -672,5 +579,5 @@ class TestUpstreamHeaders:
         status, headers, body = await send_form(daemon.base, "/api/key/activate", activate_form())
         assert status == 200
         assert body == good
-        assert {name.lower() for name in headers} <= self.DAEMON_HEADERS
+        assert {name.lower() for name in headers} <= DAEMON_HEADERS
         assert all("\r" not in value and "\n" not in value for value in headers.values())

@@ -42,6 +42,15 @@ FAILURE_MODES = [
 ]
 
 
+# The only headers a workstation ever gets: aiohttp's framing and the daemon's own.
+DAEMON_HEADERS = frozenset(
+    {
+        *("content-type", "content-length", "date", "server"),
+        *("x-license-server-source", "x-license-server-age", "x-request-id"),
+    }
+)
+
+
 def activate_form(
     machine: str = "machine-a", key: str = LICENSE, token: str = TOKEN, **extra: str
 ) -> dict[str, str]:
@@ -483,15 +492,7 @@ class TestKeptAnswers:
         assert status == 200
         sent = {name.lower() for name in upstream.fake.calls[-1].headers}
         assert sent.isdisjoint({"authorization", "cookie", "x-forwarded-for", "x-custom"})
-        assert {name.lower() for name in headers} <= {
-            "content-type",
-            "content-length",
-            "date",
-            "server",
-            "x-license-server-source",
-            "x-license-server-age",
-            "x-request-id",
-        }
+        assert {name.lower() for name in headers} <= DAEMON_HEADERS
 
     async def test_corrupt_store_set_aside(self, daemon: Daemon, workstation: MakeWorkstation) -> None:
         """A corrupt state database is moved aside and a fresh one started; the daemon serves on."""
