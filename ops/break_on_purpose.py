@@ -39,6 +39,7 @@ FUZZ = "tests/test_fuzz.py"
 HOSTILE = "tests/test_hostile.py"
 STORMS = "tests/test_storms.py"
 REPORTS = "tests/test_reports.py"
+SLOW = "tests/test_slowloris.py::TestSlowloris"
 
 SABOTAGES = (
     # -- upstream faults ---------------------------------------------------------------------------
@@ -269,6 +270,35 @@ SABOTAGES = (
         "AND hour >= :hour AND hour < :until",
         "AND hour >= :hour AND hour <= :until",
         (f"{REPORTS}::test_activity_in_the_hour_that_starts_at_until_does_not_count",),
+    ),
+    # -- slow clients and crashes ---------------------------------------------------------------------
+    Sabotage(
+        "header deadline",
+        "license_server/listener.py",
+        "asyncio.get_running_loop().call_later(self.header_timeout, self._check, handler)",
+        "asyncio.get_running_loop().call_later(self.header_timeout * 100, self._check, handler)",
+        (f"{SLOW}::test_header_deadline_at_scale",),
+    ),
+    Sabotage(
+        "connection cap",
+        "license_server/listener.py",
+        "if len(self._server.connections) >= self.max_connections:",
+        "if len(self._server.connections) >= self.max_connections * 2:",
+        (f"{SLOW}::test_connection_cap_at_scale",),
+    ),
+    Sabotage(
+        "idle keep-alive connections closed",
+        "license_server/server.py",
+        "keepalive_timeout=config.listen.keepalive_timeout,",
+        "keepalive_timeout=config.listen.keepalive_timeout * 100,",
+        (f"{SLOW}::test_idle_keepalive_closed",),
+    ),
+    Sabotage(
+        "audit record written before the answer",
+        "license_server/audit/writer.py",
+        "        await asyncio.shield(done)",
+        "        await asyncio.sleep(0)\n        return",
+        ("tests/test_process.py::TestKillUnderLoad::test_no_answered_call_lost",),
     ),
 )
 
