@@ -37,7 +37,7 @@ RETRY_WINDOW = 10  # seconds the retry budget looks back over (upstream._RETRY_W
 STORM = 60  # seconds of the minute-long outage
 WARM_UP = 5.0  # seconds of the storm before memory is compared
 CONCURRENCY = 32  # connections the load generator opens at most, so at most this many calls are in flight
-RSS_MARGIN = 0.05  # how much more resident memory the storm's last 20 s may average than its first 20 s
+RSS_MARGIN = 0.08  # how much more resident memory the storm's last 20 s may average than its first 20 s
 
 # State-changing calls as the Python SDK posts them: none may reach upstream twice.
 STATE_CHANGING = {
