@@ -46,10 +46,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from license_server.audit import chain
+from tests.conftest import PRODUCT, TOKEN
 from tests.fake_upstream import FakeCryptolens
+from tests.test_proxy import activate_form as sdk_activate_form
 
-TOKEN = "good-token"  # noqa: S105 - the fake upstream's test token
-PRODUCT = 3349
 FLOATING_INTERVAL = 60
 FAILURES = ("http500", "hang", "reset", "garbage", "bad_signature", "stopped")
 KEPT = frozenset({"kept_fresh", "kept_stale"})
@@ -216,20 +216,8 @@ def schedule(total: float, phase: float) -> list[tuple[str, float]]:
 
 def activate_form(machine: Machine) -> dict[str, str]:
     """The form the Python SDK sends for Key.activate (floating with FloatingTimeInterval)."""
-    return {
-        "token": TOKEN,
-        "ProductId": str(PRODUCT),
-        "key": machine.key,
-        "MachineCode": machine.code,
-        "FieldsToReturn": "0",
-        "metadata": "False",
-        "FloatingTimeInterval": str(FLOATING_INTERVAL if machine.floating else 0),
-        "MaxOverdraft": "0",
-        "FriendlyName": "None",
-        "ModelVersion": "3",
-        "Sign": "True",
-        "SignMethod": "1",
-    }
+    interval = str(FLOATING_INTERVAL if machine.floating else 0)
+    return sdk_activate_form(machine.code, machine.key, FloatingTimeInterval=interval)
 
 
 def getkey_form(machine: Machine) -> dict[str, str]:

@@ -39,6 +39,20 @@ WARM_UP = 5.0  # seconds of the storm before memory is compared
 CONCURRENCY = 32  # connections the load generator opens at most, so at most this many calls are in flight
 RSS_MARGIN = 0.08  # how much more resident memory the storm's last 20 s may average than its first 20 s
 
+# IncrementIntValueToKey and DecrementIntValueToKey take the same fields.
+COUNTER_FORM = urlencode(
+    {
+        "token": TOKEN,
+        "ProductId": PRODUCT,
+        "Key": LICENSE,
+        "Id": 0,
+        "Name": "usage",
+        "IntValue": 1,
+        "EnableBound": "False",
+        "Bound": 0,
+    }
+)
+
 # State-changing calls as the Python SDK posts them: none may reach upstream twice.
 STATE_CHANGING = {
     "key/activate": activate_form(0, 0),
@@ -48,30 +62,8 @@ STATE_CHANGING = {
     "key/createtrialkey": urlencode(
         {"token": TOKEN, "ProductId": PRODUCT, "MachineCode": "m-1", "FriendlyName": "ENG-WS-00001"}
     ),
-    "data/incrementintvaluetokey": urlencode(
-        {
-            "token": TOKEN,
-            "ProductId": PRODUCT,
-            "Key": LICENSE,
-            "Id": 0,
-            "Name": "usage",
-            "IntValue": 1,
-            "EnableBound": "False",
-            "Bound": 0,
-        }
-    ),
-    "data/decrementintvaluetokey": urlencode(
-        {
-            "token": TOKEN,
-            "ProductId": PRODUCT,
-            "Key": LICENSE,
-            "Id": 0,
-            "Name": "usage",
-            "IntValue": 1,
-            "EnableBound": "False",
-            "Bound": 0,
-        }
-    ),
+    "data/incrementintvaluetokey": COUNTER_FORM,
+    "data/decrementintvaluetokey": COUNTER_FORM,
 }
 
 
