@@ -28,11 +28,9 @@ WORK=
 FAKE_PID=
 CONTAINERS=()
 
-say() { printf '[check-container %3ds] %s\n' $((SECONDS - STARTED)) "$*"; }
-fail() {
-    printf '[check-container %3ds] FAILED: %s\n' $((SECONDS - STARTED)) "$*" >&2
-    exit 1
-}
+CHECK=check-container
+# shellcheck source=ops/lib.sh
+source "$REPO/ops/lib.sh"
 
 # The host has no systemd (podman's healthcheck timers need it) and may have hybrid cgroups, which crun
 # does not support: runc it is. The limits stay within what this host can grant without
@@ -55,25 +53,11 @@ cleanup() {
         timeout 60 podman rm --force --volumes "$name" >/dev/null 2>&1
     done
     timeout 30 podman volume rm --force "$VOLUME" >/dev/null 2>&1
-    if [[ -n $FAKE_PID ]]; then
-        kill -TERM "$FAKE_PID" 2>/dev/null
-        wait "$FAKE_PID" 2>/dev/null
-    fi
-    [[ -z $WORK ]] || rm -rf "$WORK"
-    if ((status == 0)); then
-        say "passed in $((SECONDS - STARTED))s"
-    else
-        say "failed (exit $status)"
-    fi
-    exit "$status"
+    stop_fake_upstream
+    finish "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    "$REPO/.venv/bin/python" -c \
-        'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 # wait_exited SECONDS CONTAINER
 wait_exited() {
@@ -186,15 +170,7 @@ expect_exit_zero "$name" "SIGINT"
 
 # --- 2: mounted config, fake upstream, the real SDK ----------------------------------------------------
 say "starting the fake upstream on loopback"
-.venv/bin/python ops/fake_upstream.py --ready-file "$WORK/upstream.port" \
-    --public-key-file "$WORK/vendor-public-key.xml" --license "$PRODUCT:$LICENSE_KEY:5" --lifetime 900 \
-    2>"$WORK/upstream.log" &
-FAKE_PID=$!
-deadline=$((SECONDS + 30))
-until [[ -s $WORK/upstream.port ]]; do
-    ((SECONDS < deadline)) || fail "the fake upstream did not start: $(cat "$WORK/upstream.log")"
-    sleep 0.2
-done
+start_fake_upstream "$PRODUCT" "$LICENSE_KEY"
 upstream_port=$(<"$WORK/upstream.port")
 chmod 0644 "$WORK/vendor-public-key.xml"
 cat >"$WORK/config.yaml" <<EOF

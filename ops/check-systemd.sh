@@ -23,11 +23,9 @@ NSPAWN_PID=
 LEADER=
 FAKE_PID=
 
-say() { printf '[check-systemd %3ds] %s\n' $((SECONDS - STARTED)) "$*"; }
-fail() {
-    printf '[check-systemd %3ds] FAILED: %s\n' $((SECONDS - STARTED)) "$*" >&2
-    exit 1
-}
+CHECK=check-systemd
+# shellcheck source=ops/lib.sh
+source "$REPO/ops/lib.sh"
 
 # A command inside the booted container, with a clean environment and a time limit.
 inside() {
@@ -71,27 +69,13 @@ cleanup() {
         echo "--- container console (last 30 lines) ---" >&2
         tail -n 30 "$WORK/console.log" >&2
     fi
-    if [[ -n $FAKE_PID ]]; then
-        kill -TERM "$FAKE_PID" 2>/dev/null
-        wait "$FAKE_PID" 2>/dev/null
-    fi
+    stop_fake_upstream
     # nspawn cannot remove this itself where /run is not a tmpfs.
     rm -rf "/run/systemd/nspawn/propagate/$MACHINE_NAME"
-    [[ -z $WORK ]] || rm -rf "$WORK"
-    if ((status == 0)); then
-        say "passed in $((SECONDS - STARTED))s"
-    else
-        say "failed (exit $status)"
-    fi
-    exit "$status"
+    finish "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    "$REPO/.venv/bin/python" -c \
-        'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 # --- prerequisites ---------------------------------------------------------------------------------
 [[ $(id -u) == 0 ]] || fail "run as root (debootstrap, systemd-nspawn)"
@@ -134,11 +118,7 @@ wheel=$(find "$WORK/dist" -name 'license_server-*.whl' -print -quit)
 [[ -n $wheel ]] || fail "no wheel was built"
 
 say "starting the fake upstream on loopback"
-.venv/bin/python ops/fake_upstream.py --ready-file "$WORK/upstream.port" \
-    --public-key-file "$WORK/vendor-public-key.xml" --license "$PRODUCT:$LICENSE_KEY:5" --lifetime 900 \
-    2>"$WORK/upstream.log" &
-FAKE_PID=$!
-wait_for 30 "the fake upstream listening" test -s "$WORK/upstream.port"
+start_fake_upstream "$PRODUCT" "$LICENSE_KEY"
 upstream_port=$(<"$WORK/upstream.port")
 
 rootfs_tar=$(ops/rootfs.sh systemd) || fail "ops/rootfs.sh systemd"
@@ -253,9 +233,7 @@ say "restarted: NRestarts $(prop NRestarts), MainPID $main_pid, StatusText '$(pr
 .venv/bin/python ops/probe.py healthz "$api" --wait 10 || fail "GET /healthz after the restart"
 
 say "stopping the fake upstream: the restarted daemon must answer from what it kept"
-kill -TERM "$FAKE_PID"
-wait "$FAKE_PID" || true
-FAKE_PID=
+stop_fake_upstream
 .venv/bin/python ops/probe.py activate "$api" --public-key-file "$WORK/vendor-public-key.xml" \
     --product "$PRODUCT" --key "$LICENSE_KEY" --machine "$MACHINE" \
     || fail "activation from kept answers after SIGKILL and restart, with upstream down"
