@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -256,8 +257,9 @@ class Upstream:
                 status=503,
             )
         self.retry_budget.called()
+        send = functools.partial(self._send, method, http_method, body, raw_query, content_type)
         try:
-            return await self._attempt(method, http_method, body, raw_query, content_type, None)
+            return await self._attempt(send, None)
         except UpstreamFailure as failure:
             if not (_never_sent(failure) or (method in _IDEMPOTENT and failure.kind in _RETRYABLE)):
                 raise  # it may have reached upstream, and repeating it could change state twice
@@ -268,25 +270,19 @@ class Upstream:
             if not self.breaker.allow():  # the failure may have opened it: a retry is no way around it
                 raise
         self.retries_sent += 1
-        return await self._attempt(method, http_method, body, raw_query, content_type, deadline)
+        return await self._attempt(send, deadline)
 
     async def _attempt(
-        self,
-        method: str,
-        http_method: str,
-        body: bytes,
-        raw_query: str,
-        content_type: str | None,
-        deadline: float | None,
+        self, send: Callable[[], Awaitable[UpstreamAnswer]], deadline: float | None
     ) -> UpstreamAnswer:
         """Send once, by `deadline` (loop time) if given, and tell the breaker how it went."""
         try:
             if deadline is None:
-                answer = await self._send(method, http_method, body, raw_query, content_type)
+                answer = await send()
             else:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        answer = await self._send(method, http_method, body, raw_query, content_type)
+                        answer = await send()
                 except TimeoutError as exc:  # _send turns its own timeouts into failures: this is ours
                     raise UpstreamFailure(
                         f"no answer from the licensing service within {self.config.timeout:g} s",
