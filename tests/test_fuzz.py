@@ -43,10 +43,11 @@ from license_server.signatures import (
 from tests.conftest import LICENSE, PRODUCT, Daemon, Upstream
 from tests.fake_upstream import FakeCryptolens
 from tests.test_hostile import FORM, exchange, serve_guarded
+from tests.test_signatures import VECTOR_KEY as VECTOR_KEY_FILE
+from tests.test_signatures import VECTOR_SKM as VECTOR_SKM_FILE
 
-DATA = Path(__file__).parent / "data"
-VECTOR_SKM = (DATA / "cryptolens-example-2019.skm").read_bytes()
-VECTOR_KEY = (DATA / "cryptolens-example-2019.pubkey.xml").read_text()
+VECTOR_SKM = VECTOR_SKM_FILE.read_bytes()
+VECTOR_KEY = VECTOR_KEY_FILE.read_text()
 SECRET = b"\x01" * 32
 METHOD = re.compile(r"[a-z0-9]+/[a-z0-9]+")
 
