@@ -24,7 +24,7 @@ from license_server.metrics import Metrics, Snapshot
 from license_server.proxy import Licensing
 from license_server.seats import BootClock, LeaseClock, SeatLedger
 from license_server.signatures import load_keyring
-from license_server.state import StateLock, load_fingerprint_key
+from license_server.state import StateLock, load_fingerprint_key, warn_if_open
 from license_server.store import Store
 from license_server.upstream import Breaker, Upstream, make_session
 
@@ -32,7 +32,6 @@ log = structlog.get_logger(__name__)
 
 _STORE_FILE = "answers.sqlite3"
 _SEATS_FILE = "seats.sqlite3"
-_REFRESH_EVERY = 30.0  # seconds between counts of kept answers
 _COMMON_PATHS = (  # as the SDKs send them: Python; Node and C++; .NET
     *("/api/key/activate", "/api/key/getkey", "/api/key/deactivate"),
     *("/api/key/Activate", "/api/key/GetKey", "/api/key/Deactivate"),
@@ -50,6 +49,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             folders.append(config.audit_dir)
         for folder in folders:
             opened.callback((await asyncio.to_thread(StateLock, folder)).release)
+            await asyncio.to_thread(warn_if_open, folder)
         opened.callback(log.info, "state_flushed", state_dir=str(config.state_dir))
         secret = await asyncio.to_thread(load_fingerprint_key, config.state_dir)
         store = Store(config.state_dir / _STORE_FILE)
@@ -84,7 +84,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             metrics=metrics,
             clock=app[CLOCK],
         )
-        services = Services(config, licensing, store, upstream, audit, metrics, kept, time.time())
+        services = Services(config, licensing, store, upstream, audit, metrics, time.time())
         opened.push_async_callback(_close_upstreams, services)
         metrics.watch(lambda: _snapshot(services))
         app[SERVICES] = services
@@ -100,7 +100,6 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             audit_seq=audit.state().seq,
         )
         opened.push_async_callback(services.stop_background)
-        services.spawn(_refresh_counts(services))
         yield
 
 
@@ -124,13 +123,6 @@ async def _retire(services: Services, upstream: Upstream) -> None:
     await asyncio.sleep(upstream.config.timeout + 1)
     services.retired.remove(upstream)
     await upstream.session.close()
-
-
-async def _refresh_counts(services: Services) -> None:
-    """Keep the kept-answer count for status and metrics current, without a query per scrape."""
-    while True:
-        await asyncio.sleep(_REFRESH_EVERY)
-        services.kept_answers = await services.store.count()
 
 
 def _snapshot(services: Services) -> Snapshot:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections import defaultdict
 from typing import Any
@@ -83,6 +84,22 @@ class AnswerCache:
                     del self._memory[cache_key]
         return await self.store.forget(product_id, license_key, machine_code)
 
+    async def forget_machine(self, product_id: str, license_key: str, machine_code: str) -> int:
+        """Drop what could revive a freed machine: its kept answers, and kept GetKey answers listing it.
+
+        A GetKey answer lists every machine activated when it was signed; served during an outage, it
+        would tell an SDK (Helpers.IsOnRightMachine) that a deactivated machine still holds its seat.
+        GetKey answers signed after the machine left are kept.
+        """
+        license_key = license_key.upper()
+        lists = functools.partial(_lists_machine, machine_code)
+        if self._memory is not None:
+            for cache_key in list(self._memory.by_license.get((product_id, license_key), ())):
+                kept = self._memory[cache_key]
+                if kept.machine_code == machine_code or (kept.machine_code == "" and lists(kept.body)):
+                    del self._memory[cache_key]
+        return await self.store.forget_machine(product_id, license_key, machine_code, lists)
+
     async def forget_key(self, cache_key: bytes) -> None:
         """Drop one kept answer from memory and disk."""
         if self._memory is not None:
@@ -93,3 +110,12 @@ class AnswerCache:
     def in_memory(self) -> int:
         """How many kept answers are held in memory."""
         return 0 if self._memory is None else len(self._memory)
+
+
+def _lists_machine(machine_code: str, body: bytes) -> bool:
+    """Whether a kept answer's license lists a machine; one that cannot be read counts as listing it."""
+    try:
+        signed = parse_signed_answer(json.loads(body))
+    except (ValueError, RecursionError, AnswerFormatError):
+        return True
+    return signed is None or signed.matches_machine(machine_code)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from license_server.audit.search import printable
 from license_server.reports import LicenseUsage, SeatReport
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from numpy import datetime64
     from numpy.typing import NDArray
 
-INSTALL_HINT = "install license-server[charts]"
+INSTALL_HINT = "in the license-server checkout, run .venv/bin/pip install '.[charts]'"
 FORMATS: tuple[str, ...] = ("svg", "png")
 MAX_STEP_POINTS = 5000  # per license; beyond that a step line is unreadable, and peaks per bucket are drawn
 _SIZE_INCHES = (12.0, 5.0)
@@ -76,17 +77,20 @@ def draw_seats(report: SeatReport, path: Path) -> None:
     except ImportError as exc:
         raise ChartsUnavailableError(INSTALL_HINT) from exc
 
-    # A context, not matplotlib.rcParams: the settings end with this chart.
-    with matplotlib.rc_context({"date.converter": "concise", "timezone": "UTC"}):
+    # A context, not matplotlib.rcParams: the settings end with this chart. Keys are the workstations'
+    # text: drawn as plain text, never as mathtext or TeX, whatever a matplotlibrc says.
+    with matplotlib.rc_context(
+        {"date.converter": "concise", "timezone": "UTC", "text.usetex": False, "text.parse_math": False}
+    ):
         figure = Figure(figsize=_SIZE_INCHES, layout="constrained")
         FigureCanvasAgg(figure)  # no display: Agg draws PNGs, and SVGs are written by their own backend
         axes = figure.add_subplot()
         for usage in report.licenses:
             times, counts = seat_series(report, usage)
-            label = f"{usage.key} (product {usage.product_id})"
+            label = printable(f"{usage.key} (product {usage.product_id})")
             (line,) = axes.step(_dates(times), counts, where="post", label=label, linewidth=1.2)
             if usage.seat_limit:
-                limit = f"{usage.key}: limit of {usage.seat_limit}"
+                limit = printable(f"{usage.key}: limit of {usage.seat_limit}")
                 axes.axhline(usage.seat_limit, color=line.get_color(), linestyle="--", label=limit)
         if not report.licenses:
             axes.step(_dates([report.query.since, report.query.until]), [0, 0], where="post")

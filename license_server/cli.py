@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from license_server import __version__, charts, logs, reports
+from license_server.admin.credentials import token_file_problems
 from license_server.audit import search as audit_search
 from license_server.audit import verify as audit_verify
 from license_server.config import Config, ConfigError, describe, load_config
@@ -100,7 +101,11 @@ def _add_search_parser(audit_sub: Any) -> None:
     cmd.add_argument("--name", help="part of the friendly name (any case)")
     cmd.add_argument("--product", help="product id (exact)")
     cmd.add_argument("--client", metavar="IP", help="workstation address (exact)")
-    cmd.add_argument("--action", choices=audit_search.ACTIONS, help="what the daemon did")
+    cmd.add_argument(
+        "--action",
+        choices=(*audit_search.ACTIONS, *audit_search.ADMIN_ACTIONS),
+        help="what the daemon did with a call, or what an admin did in the console",
+    )
     for option, edge in (("--since", "from"), ("--until", "up to, not including")):
         cmd.add_argument(
             option,
@@ -176,13 +181,13 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _check(config: Config) -> list[str]:
-    """Problems beyond the file's syntax: vendor keys that do not parse, license files that do not verify."""
+    """Problems beyond the file's syntax, each naming key and file: bad vendor keys, license files, folder."""
     try:
         keyring = load_keyring(config.public_keys)
     except KeyFormatError as exc:
         return [f"public_key: {exc}"]
     _, problems = LicenseFiles.load(config.license_files, keyring)
-    return [f"license_files: {p.path.name}: {p.reason}" for p in problems]
+    return [f"license_files: {p.path}: {p.reason}" for p in problems]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -198,10 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return _report(args, config)
     if args.command == "check-config":
-        problems = _check(config)
+        problems = _check(config) + token_file_problems(config.admin)
         for problem in problems:
-            print(f"license-server: {problem}", file=sys.stderr)
-        if any(p.startswith("public_key") for p in problems):
+            print(f"license-server: configuration error: {problem}", file=sys.stderr)
+        if problems:
             return 2
         print(json.dumps(describe(config), indent=2, default=str))
         return 0

@@ -541,6 +541,18 @@ def _label(value: object, origin: _Origin) -> str | None:
     return label
 
 
+SECURE_COOKIE: tuple[str, ...] = ("auto", "true", "false")
+
+
+def _secure_cookie(value: object, origin: _Origin) -> str:
+    """auto, true or false (YAML's booleans too): when the console's login cookie is marked Secure."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.strip().lower() in SECURE_COOKIE:
+        return value.strip().lower()
+    raise _BadValueError(f"expected one of {', '.join(SECURE_COOKIE)}, got {_shown(value)}")
+
+
 @dataclass(frozen=True, slots=True)
 class AdminListenConfig:
     """Where the admin console listens: never the workstation port, loopback unless told otherwise."""
@@ -565,6 +577,9 @@ class AdminConfig:
     session_lifetime: float = field(default=8 * 3600.0, metadata=_rule(_duration(zero_allowed=False)))
     # machines unseen for this many days are highlighted as idle
     idle_days: int = field(default=30, metadata=_rule(_whole(1, 36500)))
+    # mark the login cookie Secure (sent over HTTPS only): auto when the request came over TLS or a proxy
+    # says it did (X-Forwarded-Proto or Forwarded: https), or always (true), or never (false)
+    secure_cookie: str = field(default="auto", metadata=_rule(_secure_cookie, text=True))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -66,6 +66,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 _CLIENT_REFUSAL = "This license server does not accept calls from your address."
+_GET_WITH_BODY = (
+    "A GET request carries its fields in the query string and no body; send the form as a POST body instead,"
+    " as every Cryptolens SDK does."
+)
 _AUDIT_REFUSAL = (
     "The audit trail of this license server cannot be written, and it is configured to refuse calls"
     " until it can; see its log."
@@ -92,6 +96,10 @@ async def _parse(request: web.Request, services: Services, method: str | None) -
     if request.content_length is not None and request.content_length > limit:
         raise RequestError(413, too_large)
     body = await _read_body(request, limit, too_large, config.listen.header_timeout)
+    if body and request.method == "GET":
+        # Upstream is sent a GET's query string only: fields from its body would be fields the daemon
+        # records and acts on (a floating interval, a name) that upstream never saw.
+        raise RequestError(400, _GET_WITH_BODY)
     if body and request.content_type not in (_FORM, "application/octet-stream"):
         raise RequestError(415, f"The request body must be {_FORM}, as every Cryptolens SDK sends it.")
     try:

@@ -46,11 +46,15 @@ class Services:
     upstream: Upstream | None
     audit: AuditLog
     metrics: Metrics
-    kept_answers: int  # refreshed now and then from the store
     started: float
     request_ids: RequestIds = field(default_factory=RequestIds)
     retired: list[Upstream] = field(default_factory=list)  # replaced by a reload, closing once idle
     background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def kept_answers(self) -> int:
+        """How many answers are kept for outages, exact at every moment (the store counts as it writes)."""
+        return self.store.kept
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run background work that lives as long as the daemon (a reference is kept until it ends)."""

@@ -38,6 +38,19 @@ class Metrics:
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
             registry=self.registry,
         )
+        self.admin_auth_failures = Counter(
+            "license_server_admin_auth_failures",
+            "Wrong admin tokens sent to the console, by how: the login form or a bearer token.",
+            ["via"],
+            registry=self.registry,
+        )
+        for via in ("login", "bearer"):
+            self.admin_auth_failures.labels(via=via)
+        self.admin_auth_throttled = Counter(
+            "license_server_admin_auth_throttled",
+            "Admin token attempts answered 429 without being checked: their address failed too often.",
+            registry=self.registry,
+        )
         Info("license_server_build", "The daemon's version.", registry=self.registry).info(
             {"version": __version__}
         )

@@ -15,6 +15,18 @@ from aiohttp import web
 
 MAX_FIELDS = 64
 
+# The longest value, in characters, of each field the daemon keeps in its ledger, kept answers and audit
+# trail; longer ones are refused, so made-up values cannot grow them without bound. Far above what the SDKs
+# send (a product id is a number, keys are 23 characters, every SDK's machine code is a 64-character SHA-256,
+# a friendly name is a machine or user name); the admin console takes keys, machine codes and friendly names
+# as long, so it can act on every machine the ledger records.
+FIELD_LIMITS = (
+    ("productid", "ProductId", 20),
+    ("key", "Key", 200),
+    ("machinecode", "MachineCode", 1000),
+    ("friendlyname", "FriendlyName", 200),
+)
+
 # Fields that say who is asking or describe the client, not what the answer contains.
 _FIELDS_NOT_IN_KEY = frozenset({"token", "friendlyname", "osinfo"})
 _TRUE = frozenset({"true", "1"})
@@ -131,7 +143,14 @@ class Call:
 
     @classmethod
     def from_fields(cls, method: str, fields: dict[str, str]) -> Call:
-        """Build a call from its normalised method and parsed fields."""
+        """Build a call from its normalised method and parsed fields; RequestError for an overlong value."""
+        for name, label, limit in FIELD_LIMITS:
+            if len(value := fields.get(name, "")) > limit:
+                raise RequestError(
+                    400,
+                    f"The field '{label}' is {len(value)} characters long; this license server accepts"
+                    f" at most {limit}.",
+                )
         return cls(
             method=method,
             kind=_KINDS.get(method, Kind.OTHER),
@@ -161,12 +180,15 @@ class Call:
 
     def cache_key(self, fingerprints: TokenFingerprints) -> bytes:
         """Digest naming the answer: method, every answer-shaping field, and a keyed token fingerprint."""
+        # Values go in exactly as sent (only a boolean's case is folded), never trimmed: the answer is matched
+        # against the machine code as sent, and "m1" and "m1<TAB>" are two machines that must never share
+        # (or drop each other's) kept answer; so are " 3349" and "3349", which upstream may read differently.
         fields = self.fields
         parts = []
         for name in sorted(fields):
             if name in _FIELDS_NOT_IN_KEY:
                 continue
-            value = fields[name].strip()
+            value = fields[name]
             if len(value) in (4, 5) and value.lower() in _BOOLEANS:
                 value = value.lower()
             parts.append(f"\x00{name}\x01{value}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -61,6 +62,9 @@ class Outcome:
     message: str = ""
     failure: str | None = None  # why upstream could not answer, when it could not
     age: float | None = None  # age in seconds of a kept answer or license file served
+    # An activation that holds a seat by this answer: upstream's answer names the machine (when signed and
+    # checkable), or a kept answer or license file naming it was served within the seat bound.
+    licensed: bool = False
 
     @classmethod
     def refused(cls, status: int, message: str) -> Outcome:
@@ -99,16 +103,18 @@ class Licensing:
     async def answer(
         self, call: Call, http_method: str, body: bytes, raw_query: str, content_type: str | None, client: str
     ) -> Outcome:
-        """Answer one allowlisted call, and note in the seat ledger which machine asked and what it got."""
+        """Answer one allowlisted call, and note in the seat ledger a machine whose activation was licensed.
+
+        Refused, failed and denied activations stay out of the ledger's machines: the audit trail has them.
+        """
         outcome = await self._decide(call, http_method, body, raw_query, content_type)
-        if call.kind is Kind.ACTIVATE and call.license_key and call.machine_code:
+        if outcome.licensed and call.kind is Kind.ACTIVATE and call.license_key and call.machine_code:
             self.seats.seen(
                 call.license,
                 call.machine_code,
                 friendly_name=call.friendly_name,
                 client=client,
                 floating=call.floating_interval > 0,
-                activated=outcome.result == 0,
             )
         return outcome
 
@@ -122,24 +128,44 @@ class Licensing:
         if cache_key is not None and self.keep.fresh_for > 0 and call.floating_interval <= 0:
             kept = await self.cache.get(cache_key)
             if kept is not None and self._age(kept) < self.keep.fresh_for:
-                return self._serve_kept(kept, Action.KEPT_FRESH)
+                return self._serve_kept(call, kept, Action.KEPT_FRESH)
         coalesce = cache_key if call.kind is Kind.GETKEY else None
         try:
-            answered = await self.upstream.call(
-                call.method, http_method, body, raw_query, content_type, coalesce_key=coalesce
+            answered, signed = await self.upstream.call(
+                call.method,
+                http_method,
+                body,
+                raw_query,
+                content_type,
+                judge=functools.partial(self._judge, call),
+                coalesce_key=coalesce,
             )
-            self.metrics.upstream_latency.observe(answered.latency)
-            outcome = await self._on_answer(call, cache_key, answered)
         except UpstreamFailure as failure:
             self.metrics.upstream.labels(failure.kind).inc()
             return await self._fallback(call, cache_key, failure)
+        self.metrics.upstream_latency.observe(answered.latency)
+        outcome = await self._on_answer(call, cache_key, answered, signed)
         self.metrics.upstream.labels("answered" if outcome.result == 0 else "refused").inc()
         return outcome
 
-    async def _on_answer(self, call: Call, cache_key: bytes | None, answered: UpstreamAnswer) -> Outcome:
+    def _judge(self, call: Call, answered: UpstreamAnswer) -> SignedLicense | None:
+        """Upstream.call's judge: UpstreamFailure for an unusable answer, else the verified license if any."""
+        answer = answered.answer
+        assert answer is not None  # Upstream.call only judges parsed answers
+        if answer.result != 0 or not call.keepable:
+            return None  # a refusal is upstream's word, not a failure; other calls carry no license
+        return self._verified(call, answered)
+
+    async def _on_answer(
+        self, call: Call, cache_key: bytes | None, answered: UpstreamAnswer, signed: SignedLicense | None
+    ) -> Outcome:
         """Handle an answer upstream gave: keep it if it is a verified license, act on refusals."""
         answer = answered.answer
         assert answer is not None  # Upstream.call only returns parsed answers
+        licensed = False
+        if answer.result == 0 and call.kind is Kind.ACTIVATE:
+            # Without a signature to check (no vendor key, or an unsigned answer) upstream's word stands.
+            licensed = signed is None or (signed.matches_machine(call.machine_code) and not signed.block)
         outcome = Outcome(
             Action.FORWARDED,
             answered.status,
@@ -148,23 +174,26 @@ class Licensing:
             upstream_status=answered.status,
             result=answer.result,
             message=answer.message,
+            licensed=licensed,
         )
         if answer.result != 0:
             await self._on_refusal(call, cache_key, answer.message)
             return outcome
         if call.kind is Kind.DEACTIVATE and call.license_key:
-            # A freed seat must never come back from a kept answer during a later outage.
-            await self.cache.forget(call.product_id, call.license_key, call.machine_code)
+            # A freed seat must never come back from a kept answer during a later outage: neither from
+            # the machine's own activations nor from a kept GetKey answer that still lists it.
+            await self.cache.forget_machine(call.product_id, call.license_key, call.machine_code)
             await self.seats.released(call.license, call.machine_code)
             return outcome
         if cache_key is None:
             return outcome
-        signed = self._verified(call, answered)
         if call.kind is Kind.ACTIVATE:
-            await self._note_seat(call, signed)
+            await self._note_seat(call, signed, licensed=licensed)
         if signed is not None:
             if signed.block:
                 await self.cache.forget(call.product_id, call.license_key)
+            elif call.kind is Kind.ACTIVATE and not licensed:
+                log.info("activation_answer_without_machine_not_kept", product_id=call.product_id)
             else:
                 await self.cache.put(
                     Kept(
@@ -180,7 +209,7 @@ class Licensing:
         return outcome
 
     def _verified(self, call: Call, answered: UpstreamAnswer) -> SignedLicense | None:
-        """The signed license in an answer if it may be kept; raises UpstreamFailure for a forged one."""
+        """The verified signed license of the license asked about; raises UpstreamFailure for any other."""
         assert answered.answer is not None
         try:
             signed = parse_signed_answer(answered.answer.obj)
@@ -204,18 +233,18 @@ class Licensing:
                 "the answer's metadata signature does not verify with any configured vendor key",
                 kind="bad_signature",
             )
-        if not self._same_license(call, signed):
-            log.warning(
-                "answer_for_other_license_not_kept", product_id=call.product_id, license_key=call.license_key
+        if signed.key.upper() != call.license_key.upper() or str(signed.product_id) != call.product_id:
+            raise UpstreamFailure(
+                "the licensing service answered with a license other than the one asked for",
+                kind="other_license",
             )
-            return None
         return signed
 
-    async def _note_seat(self, call: Call, signed: SignedLicense | None) -> None:
-        """Record the seat limit and, for a floating activation, the lease upstream granted."""
+    async def _note_seat(self, call: Call, signed: SignedLicense | None, *, licensed: bool) -> None:
+        """Record the seat limit and, for a licensed floating activation, the lease upstream granted."""
         if signed is not None and signed.max_machines is not None:
             self.seats.set_limit(call.license, signed.max_machines)
-        if call.floating_interval <= 0:
+        if call.floating_interval <= 0 or not licensed:
             return
         seconds: float = call.floating_interval
         overdraft = False
@@ -228,13 +257,6 @@ class Licensing:
                     break
         await self.seats.granted(call.license, call.machine_code, seconds, overdraft=overdraft)
 
-    @staticmethod
-    def _same_license(call: Call, signed: SignedLicense) -> bool:
-        """Whether a signed license is the one the call asked about (and lists its machine, for Activate)."""
-        if signed.key.upper() != call.license_key.upper() or str(signed.product_id) != call.product_id:
-            return False
-        return call.kind is not Kind.ACTIVATE or signed.matches_machine(call.machine_code)
-
     async def _on_refusal(self, call: Call, cache_key: bytes | None, message: str) -> None:
         """Upstream said no: that answer, or the whole license, is no longer served from kept copies."""
         if not call.license_key:
@@ -242,7 +264,9 @@ class Licensing:
         lowered = message.lower()
         if call.kind is Kind.ACTIVATE and message == LIMIT_REACHED:
             self.seats.denied(call.license, call.machine_code, by="upstream", message=message)
-        if any(marker in lowered for marker in _LICENSE_GONE):
+        # Only a key spelt exactly as the license is named speaks for the license: a refusal of a look-alike
+        # with spaces around it must not drop the real key's kept answers.
+        if call.fields.get("key") == call.license_key and any(marker in lowered for marker in _LICENSE_GONE):
             removed = await self.cache.forget(call.product_id, call.license_key)
             log.info("license_refused_kept_answers_dropped", product_id=call.product_id, removed=removed)
         elif cache_key is not None:
@@ -259,7 +283,7 @@ class Licensing:
                     if not await self._seat_free(call):
                         return self._seat_refused(call, failure)
                     self.stale_served += 1
-                    return self._serve_kept(kept, Action.KEPT_STALE, failure)
+                    return self._serve_kept(call, kept, Action.KEPT_STALE, failure)
                 too_old = age
         if call.keepable:
             if call.kind is Kind.ACTIVATE:
@@ -279,6 +303,7 @@ class Licensing:
                     age=None
                     if found.signed.sign_date is None
                     else max(0.0, self.clock() - found.signed.sign_date),
+                    licensed=call.kind is Kind.ACTIVATE,  # the file lists the machine; the bound held
                 )
         message = self._failure_message(call, failure, too_old)
         return Outcome(
@@ -327,7 +352,9 @@ class Licensing:
             )
         return f"{reason}, and this license server keeps no answer or license file for this {what}."
 
-    def _serve_kept(self, kept: Kept, action: Action, failure: UpstreamFailure | None = None) -> Outcome:
+    def _serve_kept(
+        self, call: Call, kept: Kept, action: Action, failure: UpstreamFailure | None = None
+    ) -> Outcome:
         """Serve a kept answer's bytes exactly as upstream sent them."""
         return Outcome(
             action,
@@ -337,6 +364,7 @@ class Licensing:
             result=0,
             failure=None if failure is None else failure.reason,
             age=self._age(kept),
+            licensed=call.kind is Kind.ACTIVATE,  # kept only when it named the machine; the bound held
         )
 
     def _age(self, kept: Kept) -> float:

@@ -581,14 +581,15 @@ def _write_seat_csv(report: SeatReport, out: TextIO) -> int:
     stamps: dict[int, str | None] = {}  # interval starts repeat across licenses: each is formatted once
     written = 0
     for usage in report.licenses:
+        product, key = csv_value(usage.product_id), csv_value(usage.key)  # a workstation chose these
         for row in usage.rows:
             start = row.interval_start
             stamp = stamps[start] if start in stamps else stamps.setdefault(start, iso(start))
             limit = "" if row.seat_limit is None else row.seat_limit
             writer.writerow(
                 (
-                    row.product_id,
-                    row.key,
+                    product,
+                    key,
                     stamp,
                     row.peak_seats,
                     limit,

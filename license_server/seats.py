@@ -132,7 +132,7 @@ class _Row(NamedTuple):
 
 @dataclass(slots=True)
 class _Seen:
-    """A machine's calls since the last flush."""
+    """A machine's licensed activations since the last flush."""
 
     friendly_name: str
     client: str
@@ -140,7 +140,6 @@ class _Seen:
     first_seen: float
     last_seen: float
     calls: int
-    activated: bool
 
 
 @dataclass(slots=True)
@@ -320,9 +319,12 @@ class SeatLedger:
         friendly_name: str,
         client: str,
         floating: bool,
-        activated: bool,
     ) -> None:
-        """A machine called: remember its name, address and time; an activation also clears a deactivation.
+        """A machine's activation was licensed: remember its name, address and time; clear a deactivation.
+
+        Only licensed activations come here (upstream's answer names the machine, or a kept answer or
+        license file was served within the seat bound), so the machines and their hourly activity are the
+        ones that held a seat; refused and failed calls are in the audit trail only.
 
         Calls are summed in memory and written about once a second: a busy machine costs one row update
         per flush, not one per call. A killed daemon loses at most that second of counts (the audit trail
@@ -332,14 +334,11 @@ class SeatLedger:
         product, key = license
         pending = self._seen.get((product, key, machine))
         if pending is None:
-            self._seen[(product, key, machine)] = _Seen(
-                friendly_name, client, floating, now, now, 1, activated
-            )
+            self._seen[(product, key, machine)] = _Seen(friendly_name, client, floating, now, now, 1)
         else:
             pending.friendly_name = friendly_name or pending.friendly_name
             pending.client, pending.floating, pending.last_seen = client, floating, now
             pending.calls += 1
-            pending.activated = pending.activated or activated
         hour = int(now // _HOUR * _HOUR)
         counts = self._activity.setdefault((product, key, hour, machine), [0, 0])
         counts[0] += 1
@@ -363,7 +362,7 @@ class SeatLedger:
                 " friendly_name = CASE WHEN excluded.friendly_name = '' THEN friendly_name"
                 "   ELSE excluded.friendly_name END,"
                 " client = excluded.client, floating = excluded.floating, last_seen = excluded.last_seen,"
-                " calls = calls + excluded.calls, deactivated = CASE WHEN ? THEN NULL ELSE deactivated END",
+                " calls = calls + excluded.calls, deactivated = NULL",
                 [
                     (
                         p,
@@ -375,7 +374,6 @@ class SeatLedger:
                         s.first_seen,
                         s.last_seen,
                         s.calls,
-                        s.activated,
                     )
                     for (p, k, m), s in machines.items()
                 ],

@@ -13,6 +13,8 @@ from typing import TypeVar
 
 import structlog
 
+from license_server.state import create_private, private_folder
+
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
@@ -45,7 +47,7 @@ class SqliteWorker:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(self.path.parent)
         try:
             self._connect()
         except sqlite3.DatabaseError as exc:
@@ -63,6 +65,7 @@ class SqliteWorker:
             self._connect()
 
     def _connect(self) -> None:
+        create_private(self.path)  # SQLite creates -wal, -shm and journals with the database's own mode
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")

@@ -1,10 +1,15 @@
-"""The state directory's own files: the lock that keeps one daemon per directory, and the fingerprint key."""
+"""The state directory's own files: the lock that keeps one daemon per directory, and the fingerprint key.
+
+Also how every folder and file under `state_dir` and `audit.path` is made: readable by the daemon's user
+only (folders 0700, files 0600), whatever the umask the daemon was started with.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import secrets
+import stat
 from pathlib import Path
 
 import structlog
@@ -14,6 +19,54 @@ log = structlog.get_logger(__name__)
 _LOCK_FILE = ".lock"
 _FINGERPRINT_FILE = "fingerprint.key"
 _KEY_BYTES = 32
+PRIVATE_FOLDER = 0o700
+PRIVATE_FILE = 0o600
+
+
+def private_folder(folder: Path) -> None:
+    """Create a folder (and missing parents) only the daemon's user can enter; leave an existing one as is."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=PRIVATE_FOLDER)
+    except FileExistsError:
+        if not folder.is_dir():
+            raise
+        return
+    folder.chmod(PRIVATE_FOLDER)  # exactly 0700: a umask may have taken bits the daemon needs
+
+
+def open_private(path: Path, flags: int) -> int:
+    """Open a file, creating it readable and writable by the daemon's user only (0600) if it is missing."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    except FileExistsError:
+        return os.open(path, flags)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_private(path: Path) -> None:
+    """Make sure a file exists, created 0600 if it did not (SQLite then gives its -wal and -shm its mode)."""
+    os.close(open_private(path, os.O_RDONLY))
+
+
+def warn_if_open(folder: Path) -> None:
+    """Log a warning naming a folder of the daemon's state that other users may enter or read."""
+    try:
+        mode = stat.S_IMODE(folder.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "state_folder_open_to_others",
+            folder=str(folder),
+            mode=f"{mode:04o}",
+            detail=f"other users may read kept answers, seat ledger or audit trail: chmod 0700 {folder}",
+        )
 
 
 class StateInUseError(RuntimeError):
@@ -24,8 +77,8 @@ class StateLock:
     """An exclusive lock on a directory, held for the life of the daemon; the kernel frees it on any exit."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        private_folder(folder)
+        self._fd = open_private(folder / _LOCK_FILE, os.O_RDWR)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -52,7 +105,8 @@ def load_fingerprint_key(state_dir: Path) -> bytes:
         log.error("fingerprint_key_corrupt_replaced", path=str(path))
     key = secrets.token_bytes(_KEY_BYTES)
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover from a crash may have another mode
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, key)
         os.fsync(fd)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
 from license_server.sqlite import SqliteWorker
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -26,6 +30,17 @@ CREATE TABLE IF NOT EXISTS answers (
     digest       BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS answers_license ON answers (product_id, license_key, machine_code);
+-- How many answers are kept, counted by the database itself in the same transactions as the rows, so
+-- that the figure monitoring shows is exact; set again from the rows at every start.
+CREATE TABLE IF NOT EXISTS answer_count (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n  INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO answer_count VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS answers_counted_in AFTER INSERT ON answers
+    BEGIN UPDATE answer_count SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS answers_counted_out AFTER DELETE ON answers
+    BEGIN UPDATE answer_count SET n = n - 1; END;
 """
 
 
@@ -53,16 +68,33 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.db = SqliteWorker(path, _SCHEMA)
         self._pending: dict[bytes, Kept] = {}
+        self._kept = 0  # set on the worker thread, from the count the database keeps
 
     async def open(self) -> int:
         """Open (or create, or set aside a corrupt) database; returns the number of kept answers."""
         await self.db.open()
-        return await self.count()
+        await self.db.run(self._recount)
+        return self._kept
+
+    @property
+    def kept(self) -> int:
+        """How many answers are kept on disk, exact as of the last committed (or committing) write."""
+        return self._kept
+
+    def _recount(self, db: sqlite3.Connection) -> None:
+        """Set the database's count from its rows (an older version may have written without counting)."""
+        with db:
+            db.execute("UPDATE answer_count SET n = (SELECT count(*) FROM answers)")
+        self._read_count(db)
+
+    def _read_count(self, db: sqlite3.Connection) -> None:
+        """Take the count the database keeps (on the worker thread, right after a change)."""
+        self._kept = int(db.execute("SELECT n FROM answer_count").fetchone()[0])
 
     def put(self, kept: Kept) -> asyncio.Future[None]:
         """Queue an answer for writing; the future is done once it is committed (or the write failed)."""
         self._pending[kept.cache_key] = kept
-        done = self.db.write(lambda db: _put(db, kept))
+        done = self.db.write(self._counting(lambda db: _put(db, kept)))
         done.add_done_callback(lambda _: self._landed(kept))
         return done
 
@@ -74,7 +106,17 @@ class Store:
         """The kept answer for a cache key, or None; a row whose digest does not match is dropped."""
         if (pending := self._pending.get(cache_key)) is not None:
             return pending
-        return await self.db.run(lambda db: _get(db, cache_key))
+        return await self.db.run(self._counting(lambda db: _get(db, cache_key)))
+
+    def _counting(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+        """`fn`, followed by taking the count it may have changed."""
+
+        def counted(db: sqlite3.Connection) -> T:
+            result = fn(db)
+            self._read_count(db)
+            return result
+
+        return counted
 
     async def forget(self, product_id: str, license_key: str, machine_code: str | None = None) -> int:
         """Drop the kept answers of a license (or of one machine of it); returns how many rows went."""
@@ -82,13 +124,29 @@ class Store:
             if machine_code is None or self._pending[key].machine_code == machine_code:
                 del self._pending[key]
         self.db.submit()  # queued writes land first, so a forget is never undone by them
-        return await self.db.run(lambda db: _forget(db, product_id, license_key, machine_code))
+        return await self.db.run(
+            self._counting(lambda db: _forget(db, product_id, license_key, machine_code))
+        )
+
+    async def forget_machine(
+        self, product_id: str, license_key: str, machine_code: str, lists: Callable[[bytes], bool]
+    ) -> int:
+        """Drop a machine's kept answers and the license's kept GetKey answers whose body `lists` it."""
+        for key, kept in list(self._pending.items()):
+            if kept.license == (product_id, license_key) and (
+                kept.machine_code == machine_code or (kept.machine_code == "" and lists(kept.body))
+            ):
+                del self._pending[key]
+        self.db.submit()  # queued writes land first, so a forget is never undone by them
+        return await self.db.run(
+            self._counting(lambda db: _forget_machine(db, product_id, license_key, machine_code, lists))
+        )
 
     async def forget_key(self, cache_key: bytes) -> None:
         """Drop one kept answer."""
         self._pending.pop(cache_key, None)
         self.db.submit()
-        await self.db.run(lambda db: _forget_key(db, cache_key))
+        await self.db.run(self._counting(lambda db: _forget_key(db, cache_key)))
 
     async def count(self) -> int:
         """How many answers are kept on disk (queued writes included once landed)."""
@@ -107,8 +165,12 @@ class Store:
 
 def _put(db: sqlite3.Connection, kept: Kept) -> None:
     """Insert or replace one kept answer with the digest that guards its body."""
+    # An upsert, not INSERT OR REPLACE: a replacing row must not count as one more kept answer.
     db.execute(
-        "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cache_key) DO UPDATE SET"
+        " method = excluded.method, product_id = excluded.product_id, license_key = excluded.license_key,"
+        " machine_code = excluded.machine_code, fetched_at = excluded.fetched_at, body = excluded.body,"
+        " digest = excluded.digest",
         (
             kept.cache_key,
             kept.method,
@@ -152,6 +214,32 @@ def _forget(db: sqlite3.Connection, product_id: str, license_key: str, machine_c
                 (product_id, license_key, machine_code),
             )
     return cursor.rowcount
+
+
+def _forget_machine(
+    db: sqlite3.Connection,
+    product_id: str,
+    license_key: str,
+    machine_code: str,
+    lists: Callable[[bytes], bool],
+) -> int:
+    """Delete a machine's rows and the license's GetKey rows (machine code "") whose body lists it."""
+    listing = [
+        (cache_key,)
+        for cache_key, body in db.execute(
+            "SELECT cache_key, body FROM answers"
+            " WHERE product_id = ? AND license_key = ? AND machine_code = ''",
+            (product_id, license_key),
+        )
+        if not isinstance(body, bytes) or lists(body)
+    ]
+    with db:
+        cursor = db.execute(
+            "DELETE FROM answers WHERE product_id = ? AND license_key = ? AND machine_code = ?",
+            (product_id, license_key, machine_code),
+        )
+        db.executemany("DELETE FROM answers WHERE cache_key = ?", listing)
+    return cursor.rowcount + len(listing)
 
 
 def _forget_key(db: sqlite3.Connection, cache_key: bytes) -> None:

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -29,6 +30,8 @@ _IDEMPOTENT = frozenset({"key/getkey", "data/listdataobjects", "message/getmessa
 _RETRYABLE = frozenset({"unreachable", "timeout", "http_5xx"})
 _RETRY_WINDOW = 10  # seconds of recent calls the retry budget is measured against
 _RETRY_JITTER = 0.025  # longest pause before a retry, in seconds, so that retries do not arrive in step
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x on the hot path; never changed
@@ -213,7 +216,8 @@ class Upstream:
         self.breaker = breaker
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget(config.retry)
         self._base = config.url.rstrip("/") + "/api/"
-        self._inflight: dict[bytes, asyncio.Future[UpstreamAnswer]] = {}
+        # coalesced calls share the answer and its verdict (the judge of the first caller, same cache key)
+        self._inflight: dict[bytes, asyncio.Future[tuple[UpstreamAnswer, Any]]] = {}
         self.calls_sent = 0
         self.retries_sent = 0
 
@@ -230,22 +234,34 @@ class Upstream:
         raw_query: str,
         content_type: str | None,
         *,
+        judge: Callable[[UpstreamAnswer], T],
         coalesce_key: bytes | None = None,
-    ) -> UpstreamAnswer:
-        """Forward one call; identical calls under the same coalesce key share one upstream request."""
+    ) -> tuple[UpstreamAnswer, T]:
+        """Forward one call and judge its answer; identical calls under one coalesce key share both.
+
+        `judge` decides whether an answer is usable (it raises UpstreamFailure for one that is not, e.g. a
+        signature that does not verify) and returns what it found; the breaker, the retry decision and the
+        caller's metrics all take its word, so every way upstream can fail counts the same.
+        """
         if coalesce_key is None:
-            return await self._guarded(method, http_method, body, raw_query, content_type)
+            return await self._guarded(method, http_method, body, raw_query, content_type, judge)
         if (shared := self._inflight.get(coalesce_key)) is not None:
-            return await asyncio.shield(shared)
-        task = asyncio.ensure_future(self._guarded(method, http_method, body, raw_query, content_type))
+            return await asyncio.shield(shared)  # the same call: the first caller's judge's verdict
+        task = asyncio.ensure_future(self._guarded(method, http_method, body, raw_query, content_type, judge))
         self._inflight[coalesce_key] = task
         task.add_done_callback(lambda _: self._inflight.pop(coalesce_key, None))
         # Shielded so that the first caller going away does not cancel the call the others wait for.
         return await asyncio.shield(task)
 
     async def _guarded(
-        self, method: str, http_method: str, body: bytes, raw_query: str, content_type: str | None
-    ) -> UpstreamAnswer:
+        self,
+        method: str,
+        http_method: str,
+        body: bytes,
+        raw_query: str,
+        content_type: str | None,
+        judge: Callable[[UpstreamAnswer], T],
+    ) -> tuple[UpstreamAnswer, T]:
         """One call through the breaker, tried once more if it never left or only reads, budget allowing."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout  # a retry never makes the workstation wait longer
@@ -259,7 +275,7 @@ class Upstream:
         self.retry_budget.called()
         send = functools.partial(self._send, method, http_method, body, raw_query, content_type)
         try:
-            return await self._attempt(send, None)
+            return await self._attempt(send, judge, None)
         except UpstreamFailure as failure:
             if not (_never_sent(failure) or (method in _IDEMPOTENT and failure.kind in _RETRYABLE)):
                 raise  # it may have reached upstream, and repeating it could change state twice
@@ -270,12 +286,15 @@ class Upstream:
             if not self.breaker.allow():  # the failure may have opened it: a retry is no way around it
                 raise
         self.retries_sent += 1
-        return await self._attempt(send, deadline)
+        return await self._attempt(send, judge, deadline)
 
     async def _attempt(
-        self, send: Callable[[], Awaitable[UpstreamAnswer]], deadline: float | None
-    ) -> UpstreamAnswer:
-        """Send once, by `deadline` (loop time) if given, and tell the breaker how it went."""
+        self,
+        send: Callable[[], Awaitable[UpstreamAnswer]],
+        judge: Callable[[UpstreamAnswer], T],
+        deadline: float | None,
+    ) -> tuple[UpstreamAnswer, T]:
+        """Send once, by `deadline` (loop time) if given, judge the answer, tell the breaker how it went."""
         try:
             if deadline is None:
                 answer = await send()
@@ -289,6 +308,7 @@ class Upstream:
                         kind="timeout",
                         status=504,
                     ) from exc
+            verdict = judge(answer)  # a forged or unusable answer is a failure like any other
         except UpstreamFailure as failure:
             self.breaker.failed(failure.reason)
             raise
@@ -296,7 +316,7 @@ class Upstream:
             self.breaker.abandoned()  # cancelled: no verdict, and the breaker must not stay half-open
             raise
         self.breaker.succeeded()
-        return answer
+        return answer, verdict
 
     async def _send(
         self, method: str, http_method: str, body: bytes, raw_query: str, content_type: str | None

@@ -300,6 +300,182 @@ SABOTAGES = (
         "        await asyncio.sleep(0)\n        return",
         ("tests/test_process.py::TestKillUnderLoad::test_no_answered_call_lost",),
     ),
+    # -- private state ------------------------------------------------------------------------------------
+    Sabotage(
+        "private state: databases created 0600",
+        "license_server/sqlite.py",
+        "        create_private(self.path)  # SQLite creates",
+        "        private_folder(self.path.parent)  # SQLite creates",
+        ("tests/test_state_files.py::TestPrivateState",),
+    ),
+    Sabotage(
+        "private state: open folders warned",
+        "license_server/state.py",
+        "    if mode & 0o077:",
+        "    if mode & 0o007:",
+        ("tests/test_state_files.py::TestOpenStateWarned",),
+    ),
+    # -- text workstations choose, in charts, CSV and JSON; check-config ------------------------------
+    Sabotage(
+        "chart labels drawn as plain text",
+        "license_server/charts.py",
+        '"text.parse_math": False}',
+        '"text.parse_math": True}',
+        (
+            "tests/test_hostile_text.py::TestCharts::test_a_mathtext_key_is_drawn_as_itself",
+            "tests/test_hostile_text.py::TestConsoleChart::test_a_mathtext_key_gives_a_chart_not_a_500",
+        ),
+    ),
+    Sabotage(
+        "a console chart that cannot be drawn is no 500",
+        "license_server/admin/pages.py",
+        "    except Exception:  # a picture on a page",
+        "    except ArithmeticError:  # a picture on a page",
+        (
+            "tests/test_hostile_text.py::TestConsoleChart::test_a_chart_that_cannot_be_drawn_is_logged_and_says_so",
+        ),
+    ),
+    Sabotage(
+        "CSV cells never start a formula",
+        "license_server/audit/search.py",
+        "if text.startswith(_FORMULA_STARTS):",
+        "if text.startswith(()):",
+        ("tests/test_hostile_text.py::TestCsv",),
+    ),
+    Sabotage(
+        "JSON output escapes unprintable characters",
+        "license_server/audit/search.py",
+        '    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] for char in text)',
+        "    return text",
+        ("tests/test_hostile_text.py::TestJson",),
+    ),
+    Sabotage(
+        "check-config fails on license files",
+        "license_server/cli.py",
+        "        if problems:\n            return 2",
+        '        if any(p.startswith("public_key") for p in problems):\n            return 2',
+        ("tests/test_config.py::TestCheckConfig",),
+    ),
+    Sabotage(
+        "only licensed activations are machines",
+        "license_server/proxy.py",
+        "if outcome.licensed and call.kind is Kind.ACTIVATE and",
+        "if call.kind is Kind.ACTIVATE and",
+        ("tests/test_seats.py::TestOnlyLicensedMachines",),
+    ),
+    Sabotage(
+        "a deactivation drops kept GetKey answers listing the machine",
+        "license_server/cache.py",
+        "    return signed is None or signed.matches_machine(machine_code)",
+        "    return signed is None",
+        ("tests/test_kept_answers.py::TestFreedMachineNotRevived",),
+    ),
+    Sabotage(
+        "forged answers are failures for the breaker",
+        "license_server/upstream.py",
+        "            verdict = judge(answer)  # a forged or unusable answer is a failure like any other\n"
+        "        except UpstreamFailure as failure:\n"
+        "            self.breaker.failed(failure.reason)\n"
+        "            raise\n"
+        "        except BaseException:\n"
+        "            self.breaker.abandoned()  # cancelled: no verdict,"
+        " and the breaker must not stay half-open\n"
+        "            raise\n"
+        "        self.breaker.succeeded()\n",
+        "        except UpstreamFailure as failure:\n"
+        "            self.breaker.failed(failure.reason)\n"
+        "            raise\n"
+        "        except BaseException:\n"
+        "            self.breaker.abandoned()\n"
+        "            raise\n"
+        "        self.breaker.succeeded()\n"
+        "        verdict = judge(answer)\n",
+        (f"{FAULTS}::TestForgedAnswers",),
+    ),
+    # -- the call the daemon reads is the call upstream gets -------------------------------------------
+    Sabotage(
+        "a GET's body never becomes fields",
+        "license_server/handlers.py",
+        'if body and request.method == "GET":',
+        'if body and request.method == "HEAD":',
+        ("tests/test_proxy.py::TestRefusedInput::test_get_with_body_refused",),
+    ),
+    Sabotage(
+        "kept and recorded values bounded",
+        "license_server/protocol.py",
+        'if len(value := fields.get(name, "")) > limit:',
+        'if len(value := fields.get(name, "")) > limit * 100:',
+        (
+            "tests/test_protocol.py::TestFieldLimits::test_longer_refused",
+            f"{HOSTILE}::TestOversizedValues",
+        ),
+    ),
+    Sabotage(
+        "cache key made of values exactly as sent",
+        "license_server/protocol.py",
+        "            value = fields[name]\n",
+        "            value = fields[name].strip()\n",
+        (
+            "tests/test_protocol.py::TestCacheKeys::test_surrounding_whitespace_is_another_key",
+            "tests/test_proxy.py::TestExactValues",
+        ),
+    ),
+    # -- the admin console's door ---------------------------------------------------------------------
+    Sabotage(
+        "wrong admin tokens make their address wait",
+        "license_server/admin/throttle.py",
+        "if entry.count >= FREE_FAILURES:",
+        "if entry.count >= FREE_FAILURES * 1000:",
+        (
+            "tests/test_admin_auth.py::TestThrottle::test_wrong_logins_make_the_address_wait",
+            "tests/test_admin_auth.py::TestThrottle::test_wrong_bearer_tokens_are_recorded_counted_and_slowed",
+        ),
+    ),
+    Sabotage(
+        "the throttle's address table is bounded",
+        "license_server/admin/throttle.py",
+        "while len(self._failures) > self._max:",
+        "while len(self._failures) > self._max * 10:",
+        ("tests/test_admin_auth.py::TestThrottle::test_the_address_table_is_bounded",),
+    ),
+    Sabotage(
+        "a flood of wrong tokens cannot fill the audit trail",
+        "license_server/admin/throttle.py",
+        "if self._tokens < 1:",
+        "if self._tokens < -1e9:",
+        ("tests/test_admin_auth.py::TestThrottle::test_a_flood_cannot_fill_the_trail",),
+    ),
+    Sabotage(
+        "a guessable admin token is refused",
+        "license_server/admin/credentials.py",
+        "if len(text) < MIN_TOKEN_CHARS:",
+        "if len(text) < 1:",
+        ("tests/test_admin_auth.py::TestWeakSecrets::test_guessable_admin_token_is_refused",),
+    ),
+    Sabotage(
+        "a token file others may read is refused",
+        "license_server/admin/credentials.py",
+        "    if mode & forbidden:\n",
+        "    if mode & forbidden & 0:\n",
+        (
+            "tests/test_admin_auth.py::TestWeakSecrets::test_token_file_open_to_group_or_others_is_refused",
+            "tests/test_admin_auth.py::TestWeakSecrets::test_systemd_credentials_are_judged_as_systemd_makes_them",
+        ),
+    ),
+    Sabotage(
+        "the page after login is what was checked",
+        "license_server/admin/auth.py",
+        "    if not target.isprintable():\n",
+        "    if not target.isprintable() and False:\n",
+        ("tests/test_admin_auth.py::TestLoginTarget::test_control_characters_lead_home",),
+    ),
+    Sabotage(
+        "the login cookie is Secure behind a TLS proxy",
+        "license_server/admin/auth.py",
+        "session_lifetime),\n        secure=secure_cookie(request),",
+        "session_lifetime),\n        secure=request.secure,",
+        ("tests/test_admin_auth.py::TestSecureCookie::test_cookie_is_secure_as_configured",),
+    ),
 )
 
 

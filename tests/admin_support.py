@@ -6,6 +6,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from license_server.admin.keys import CONSOLE
 from license_server.keys import Services
 
-ADMIN_TOKEN = "admin-token-3f9c1d7e5b2a48c6"
+ADMIN_TOKEN = "admin-token-3f9c1d7e5b2a48c6e0d1f7a9b3c5d2e8"  # as long and random as the console requires
 UPSTREAM_TOKEN = "upstream-admin-token-8a1b2c3d"  # the fake upstream is told to accept it
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -41,10 +42,11 @@ class Admin:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
     @asynccontextmanager
-    async def browser(self) -> AsyncIterator[aiohttp.ClientSession]:
-        """A client session that keeps cookies, as a browser does (also for an IP address)."""
+    async def browser(self, address: str | None = None) -> AsyncIterator[aiohttp.ClientSession]:
+        """A client that keeps cookies as a browser does; from `address` (e.g. 127.0.0.2) when given."""
+        connector = aiohttp.TCPConnector(local_addr=(address, 0) if address else None)
         async with aiohttp.ClientSession(
-            self.base, cookie_jar=aiohttp.CookieJar(unsafe=True), auto_decompress=True
+            self.base, connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True), auto_decompress=True
         ) as session:
             yield session
 
@@ -72,6 +74,13 @@ class Admin:
         """Let the seat ledger write what it sums in memory (about once a second), and land it."""
         await asyncio.sleep(1.2)
         await self.services.licensing.seats.db.flush()
+
+
+def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    """Write a token file with the given mode (0600 by default), whatever the umask."""
+    path.write_text(text)
+    path.chmod(mode)
+    return path
 
 
 def csrf_of(page: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from blockbuster import BlockBuster, blockbuster_ctx
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import HealthCheck, settings
 from licensing.internal import HelperMethods
 from licensing.methods import Key
 from multidict import CIMultiDict
@@ -34,6 +36,19 @@ LICENSE = "MUYVD-LSEBY-CXHRQ-XFAGY"
 OTHER_LICENSE = "KQXJA-WBTFA-PMOZE-RNFRS"
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
+
+# CI runs the same examples every time and neither reads nor writes `.hypothesis/`, so a CI run's outcome
+# depends on the code alone, whichever Hypothesis version is installed (recent ones detect CI themselves).
+# Locally the default profile keeps its database, so a failure found once is tried first until it is fixed.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default"))
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from tests.admin_support import Admin
 from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation
 
 DAY = 86400
+BIG_LICENSE = "PAGES-WITHM-ANYSE-ATSXX"  # ten seats, for lists longer than a page
 Factory = Callable[..., Awaitable[Admin]]
 
 
@@ -81,6 +82,83 @@ class TestMachines:
         assert "<script>alert" not in page
         assert "<b onmouseover" not in page
         assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+
+
+class TestLists:
+    """Every list, page or API answer, comes a bounded page at a time; page links keep the search."""
+
+    async def test_machines_api_pages_with_limit_and_offset(
+        self, admin: Admin, workstation: Callable[..., Workstation], upstream: Upstream
+    ) -> None:
+        """limit and offset walk the whole search; total and next_offset say where it ends."""
+        upstream.fake.add_license(PRODUCT, BIG_LICENSE, max_machines=10)
+        for index in range(5):
+            await activate(workstation, f"pc{index}", f"PC-{index}", BIG_LICENSE)
+        await activate(workstation, "other", "OTHER")
+        await admin.settle()
+        seen: list[str] = []
+        offset: int | None = 0
+        while offset is not None:
+            params = {"q": "pc-", "limit": "2", "offset": str(offset)}
+            status, body, _ = await admin.api("GET", "/api/v1/machines", params=params)
+            assert status == 200, body
+            assert (body["total"], body["limit"], body["offset"]) == (5, 2, offset)
+            assert len(body["machines"]) <= 2
+            assert body["truncated"] is (body["next_offset"] is not None)
+            seen += [row["friendly_name"] for row in body["machines"]]
+            offset = body["next_offset"]
+        assert seen == [f"PC-{index}" for index in range(5)]
+        _, body, _ = await admin.api("GET", "/api/v1/machines", params={"offset": "99"})
+        assert (body["machines"], body["total"], body["next_offset"]) == ([], 6, None)
+        for bad in ({"limit": "0"}, {"limit": "501"}, {"offset": "-1"}, {"offset": "x"}):
+            status, body, _ = await admin.api("GET", "/api/v1/machines", params=bad)
+            assert status == 400
+            assert body["error"].startswith(next(iter(bad)) + ":")
+
+    async def test_licenses_api_pages_with_limit_and_offset(
+        self, admin: Admin, workstation: Callable[..., Workstation]
+    ) -> None:
+        """The licenses come a page at a time too."""
+        await activate(workstation, "a1", "A1")
+        await activate(workstation, "b1", "B1", OTHER_LICENSE)
+        await admin.settle()
+        status, body, _ = await admin.api("GET", "/api/v1/licenses", params={"limit": "1"})
+        assert status == 200, body
+        assert (len(body["licenses"]), body["total"], body["next_offset"]) == (1, 2, 1)
+        _, second, _ = await admin.api("GET", "/api/v1/licenses", params={"limit": "1", "offset": "1"})
+        assert (len(second["licenses"]), second["next_offset"]) == (1, None)
+        assert {body["licenses"][0]["key"], second["licenses"][0]["key"]} == {LICENSE, OTHER_LICENSE}
+        assert (await admin.api("GET", "/api/v1/licenses", params={"limit": "100000"}))[0] == 400
+
+    async def test_pages_link_to_the_next_and_previous_page_of_the_same_search(
+        self, admin: Admin, workstation: Callable[..., Workstation]
+    ) -> None:
+        """/machines and /licenses show per_page rows at most, and their links keep q, idle and days."""
+        for index in range(3):
+            await activate(workstation, f"pc{index}", f"PC-{index}")
+        await activate(workstation, "b1", "B1", OTHER_LICENSE)
+        await admin.settle()
+        async with admin.browser() as session:
+            await admin.login(session)
+            async with session.get("/machines", params={"q": "pc-", "per_page": "2"}) as r:
+                first = await r.text()
+            assert first.count('<a href="/machines/license-file?') == 2
+            assert "3 machine(s); 1 to 2 shown" in first
+            assert "previous" not in first
+            assert 'href="/machines?q=pc-&amp;per_page=2&amp;page=2">next' in first
+            async with session.get("/machines", params={"q": "pc-", "per_page": "2", "page": "2"}) as r:
+                second = await r.text()
+            assert second.count('<a href="/machines/license-file?') == 1
+            assert "PC-2" in second
+            assert 'href="/machines?q=pc-&amp;per_page=2&amp;page=1">← previous' in second
+            assert "next →" not in second
+            async with session.get("/machines", params={"page": "0"}) as r:
+                assert r.status == 400
+                assert "page:" in await r.text()
+            async with session.get("/licenses", params={"days": "7", "per_page": "1"}) as r:
+                licenses = await r.text()
+            assert "2 license(s); 1 to 1 shown" in licenses
+            assert 'href="/licenses?days=7&amp;per_page=1&amp;page=2">next' in licenses
 
 
 class TestDeactivate:

@@ -10,12 +10,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.admin_support import write_secret
 from tests.conftest import LICENSE, PRODUCT, Upstream
 from tests.test_process import DaemonProcess, free_port, ws
 
 pytestmark = pytest.mark.slow
 
-ADMIN = "process-admin-token-77c1"
+ADMIN = "process-admin-token-77c1e4b9a2d6f0c3e8a5b1d7"
 CANARY = "canary-upstream-token-4b8e2f"
 
 
@@ -39,8 +40,8 @@ async def test_console_with_systemd_credentials(tmp_path: Path, upstream: Upstre
     """Tokens from $CREDENTIALS_DIRECTORY; the console acts; the upstream token shows up nowhere."""
     credentials = tmp_path / "credentials"
     credentials.mkdir()
-    (credentials / "admin-token").write_text(ADMIN + "\n")
-    (credentials / "upstream-token").write_text(CANARY + "\n")
+    write_secret(credentials / "admin-token", ADMIN + "\n", 0o440)  # systemd's 0400 plus its ACL's mask
+    write_secret(credentials / "upstream-token", CANARY + "\n", 0o400)
     upstream.fake.tokens.add(CANARY)
     admin_port = free_port()
     process = DaemonProcess(

@@ -520,3 +520,64 @@ def test_cli_unknown_action_is_a_usage_error(tmp_path: Path, capsys: pytest.Capt
         main(["audit", "search", "--set", f"state_dir={tmp_path}", "--action", "stolen"])
     assert exited.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# --- admin records --------------------------------------------------------------------------------
+
+# The actions the console writes into the trail (license_server/admin/actions.py and auth.py).
+CONSOLE_ACTIONS = ("login", "login_failed", "logout", "deactivate", "activate", "download")
+
+
+def console_trail(folder: Path) -> TrailBuilder:
+    """A call, then one admin record per console action, shaped as the console writes them."""
+    trail = TrailBuilder(folder)
+    trail.call(key=KEY_A, machine="ws-01", friendly_name="Lab PC 1")
+    for action in CONSOLE_ACTIONS:
+        fields: dict[str, Any] = {"actor": "carol@10.0.0.9#5e1a", "client": "10.0.0.9", "session": "5e1a"}
+        fields["action"] = action
+        if action in ("deactivate", "activate", "download"):
+            fields.update(product_id="3349", key=KEY_A, machine="ws-01", friendly_name="Lab PC 1")
+            fields.update(ok=True, status=200, message="Done.", source=None, upstream=None)
+        trail.add(chain.ADMIN, **fields)
+    trail.write_head()
+    return trail
+
+
+class TestAdminRecords:
+    """The console's records: found by their action, shown with the license, machine and name they concern."""
+
+    @pytest.mark.parametrize("action", CONSOLE_ACTIONS)
+    def test_cli_action_finds_the_console_records(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+    ) -> None:
+        """`audit search --action deactivate` (and every other console action) finds those records."""
+        console_trail(tmp_path / "audit")
+        code, out, err = run(
+            ["audit", "search", "--set", f"state_dir={tmp_path}", "--action", action, "--format", "json"],
+            capsys,
+        )
+        assert (code, err) == (0, "")
+        records = [json.loads(line) for line in out.splitlines()]
+        assert [(record["type"], record["action"]) for record in records] == [("admin", action)]
+
+    def test_table_shows_key_machine_and_name_of_admin_records(self, tmp_path: Path) -> None:
+        """A deactivation's row names its license, machine and friendly name, which its details then omit."""
+        console_trail(tmp_path)
+        out = io.StringIO()
+        write_table(found(tmp_path, action="deactivate"), out)
+        header, row = out.getvalue().splitlines()
+        cells = {
+            name: row[header.index(name) :].split("  ")[0] for name in ("key", "machine", "friendly_name")
+        }
+        assert cells == {"key": KEY_A, "machine": "ws-01", "friendly_name": "Lab PC 1"}
+        assert row.split()[1:4] == ["carol@10.0.0.9#5e1a", "(admin)", KEY_A]
+        assert '"key"' not in row
+        assert '"machine"' not in row
+
+    def test_admin_records_without_a_target_show_dashes(self, tmp_path: Path) -> None:
+        """A login is about no license: its key, machine and name read '-'."""
+        console_trail(tmp_path)
+        out = io.StringIO()
+        write_table(found(tmp_path, action="login"), out)
+        header, row = out.getvalue().splitlines()
+        assert row[header.index("key") :].split()[:3] == ["-", "-", "-"]

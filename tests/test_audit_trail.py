@@ -247,8 +247,53 @@ async def health(daemon: Daemon) -> dict[str, Any]:
         return result
 
 
+async def monitoring(daemon: Daemon, path: str) -> tuple[int, Any]:
+    """A monitoring endpoint's status and JSON document."""
+    async with aiohttp.ClientSession() as session, session.get(f"{daemon.base}{path}") as response:
+        return response.status, await response.json()
+
+
+async def scrape(daemon: Daemon) -> str:
+    """The daemon's /metrics text."""
+    async with aiohttp.ClientSession() as session, session.get(f"{daemon.base}/metrics") as response:
+        assert response.status == 200
+        return await response.text()
+
+
 class TestDiskFull:
-    """When the trail cannot be written the configured behaviour holds, shows in /healthz, and heals."""
+    """When the trail cannot be written the configured behaviour holds, shows in /status, and heals."""
+
+    @pytest.mark.parametrize("full_disk_daemon", ["continue", "refuse"], indirect=True)
+    async def test_alive_while_status_degraded(self, full_disk_daemon: tuple[Daemon, Path]) -> None:
+        """A full disk leaves /healthz alive and /readyz ready; /status and the metrics show it, then heal."""
+        daemon, disk = full_disk_daemon
+        filler = await asyncio.to_thread(fill, disk)
+        for _ in range(200):  # the open file's last page still takes a few records
+            await post(daemon, "/api/key/activate", activate_form())
+            if not (await health(daemon))["audit"]["writable"]:
+                break
+        await post(daemon, "/api/key/activate", activate_form())
+        held = 0 if daemon.config.audit.on_failure == "refuse" else 2
+        assert await monitoring(daemon, "/healthz") == (200, {"status": "alive"})
+        assert await monitoring(daemon, "/readyz") == (200, {"status": "ready"})
+        state = await health(daemon)
+        assert state["status"] == "degraded"
+        assert state["audit"]["writable"] is False
+        assert "No space left" in state["audit"]["error"]
+        assert state["audit"]["backlog"] == held
+        metrics = await scrape(daemon)
+        assert "license_server_audit_writable 0.0" in metrics
+        assert f"license_server_audit_backlog {held}.0" in metrics
+        await asyncio.to_thread(filler.unlink)
+        for _ in range(40):
+            if (await health(daemon))["audit"]["writable"]:
+                break
+            await asyncio.sleep(0.1)
+        state = await health(daemon)
+        assert (state["status"], state["audit"]["backlog"]) == ("ok", 0)
+        metrics = await scrape(daemon)
+        assert "license_server_audit_writable 1.0" in metrics
+        assert "license_server_audit_backlog 0.0" in metrics
 
     @pytest.mark.parametrize("full_disk_daemon", ["continue"], indirect=True)
     async def test_continue_keeps_answering(self, full_disk_daemon: tuple[Daemon, Path]) -> None:
@@ -314,3 +359,17 @@ class TestDiskFull:
         assert [g["lost"] for g in gaps] == [4]
         report = await asyncio.to_thread(verify, daemon.config.audit_dir)
         assert report.ok, report.problem
+
+
+class TestFailureDocumented:
+    """The README sends admins where a failing trail shows, as TestDiskFull pins the daemon's side."""
+
+    def test_readme_points_to_status_and_metrics(self) -> None:
+        """The failure paragraph names /status and the audit metrics, and says /healthz stays alive."""
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+        paragraph = readme.split("**When the trail cannot be written**", 1)[1].split("\n\n", 1)[0]
+        assert "the backlog in `/status`" in paragraph
+        assert "`license_server_audit_writable 0`" in paragraph
+        assert "`/healthz` stays `alive`" in paragraph
+        healthz = next(line for line in readme.splitlines() if line.startswith("| `GET /healthz` |"))
+        assert "also while the audit trail cannot be written" in healthz

@@ -11,6 +11,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from license_server.cli import main
 from license_server.config import (
     DEFAULT_ALLOWED_METHODS,
     MAX_DURATION,
@@ -746,6 +747,70 @@ class TestDescribe:
             "keepalive_timeout": 30.0,
         }
         assert summary["state_dir"] == str(config.state_dir)
+
+
+VECTOR_SKM = DATA / "cryptolens-example-2019.skm"
+
+
+def check_config(folder: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`license-server check-config` on a config file written into `folder`: exit code, stdout, stderr."""
+    path = write_config(folder, f"state_dir: state\npublic_key: {VENDOR_KEY_FILE}\n{text}")
+    code = main(["check-config", "--config", str(path)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+class TestCheckConfig:
+    """`check-config` fails, naming key and file, on license files that are missing or do not verify."""
+
+    def test_a_folder_of_good_license_files_passes(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Files that verify with the vendor key: exit 0 and the resolved settings on standard output."""
+        (tmp_path / "skm").mkdir()
+        shutil.copy(VECTOR_SKM, tmp_path / "skm" / "vector.skm")
+        code, out, err = check_config(tmp_path, "license_files: skm\n", capsys)
+        assert (code, err) == (0, "")
+        assert json.loads(out)["license_files"] == str(tmp_path / "skm")
+
+    def test_a_missing_license_folder_is_an_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """license_files naming no folder: exit 2, and the message names the key and the folder."""
+        code, out, err = check_config(tmp_path, "license_files: no-such-folder\n", capsys)
+        assert (code, out) == (2, "")
+        assert f"license_files: {tmp_path / 'no-such-folder'}: the license file folder does not exist" in err
+
+    def test_a_license_folder_that_is_a_file_is_an_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """license_files naming a file: exit 2, naming it."""
+        (tmp_path / "skm").write_text("not a folder")
+        code, _, err = check_config(tmp_path, "license_files: skm\n", capsys)
+        assert code == 2
+        assert f"license_files: {tmp_path / 'skm'}: the license file folder is not a directory" in err
+
+    @pytest.mark.parametrize(
+        ("content", "reason"),
+        [
+            (b"\x00 this is not a license file \xff", "not UTF-8"),
+            (b'{"licenseKey": "e30=", "signature": "AAAA"}', "does not verify"),
+        ],
+    )
+    def test_a_license_file_that_does_not_verify_is_named(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, reason: str
+    ) -> None:
+        """One bad file among good ones: exit 2, naming that file and why; the good one is not named."""
+        (tmp_path / "skm").mkdir()
+        shutil.copy(VECTOR_SKM, tmp_path / "skm" / "vector.skm")
+        (tmp_path / "skm" / "bad.skm").write_bytes(content)
+        code, out, err = check_config(tmp_path, "license_files: skm\n", capsys)
+        assert (code, out) == (2, "")
+        (line,) = err.splitlines()
+        assert line.startswith(
+            f"license-server: configuration error: license_files: {tmp_path / 'skm' / 'bad.skm'}: "
+        )
+        assert reason in line
 
 
 def field_paths(cls: type[object], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

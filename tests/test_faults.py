@@ -13,13 +13,14 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
 from license_server.app import SERVICES
-from tests.conftest import LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
+from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
 from tests.fault_proxy import FaultProxy
 from tests.pki import Pki
 from tests.test_process import DaemonProcess
@@ -581,3 +582,108 @@ class TestUpstreamHeaders:
         assert body == good
         assert {name.lower() for name in headers} <= DAEMON_HEADERS
         assert all("\r" not in value and "\n" not in value for value in headers.values())
+
+
+# --- answers that arrive but cannot be trusted -------------------------------------------------------
+
+
+def spoil_metadata(body: bytes) -> bytes:
+    """A signed answer whose metadata signature no longer verifies, while the license's still does."""
+    answer = json.loads(body)
+    envelope = json.loads(base64.b64decode(answer["metadata"]["signature"]))
+    raw = bytearray(base64.b64decode(envelope["Signature"]))
+    raw[len(raw) // 2] ^= 0x01
+    envelope["Signature"] = base64.b64encode(bytes(raw)).decode()
+    packed = json.dumps(envelope, separators=(",", ":")).encode()
+    answer["metadata"]["signature"] = base64.b64encode(packed).decode()
+    return json.dumps(answer, separators=(",", ":")).encode()
+
+
+def serve_json(make: Callable[[Upstream], bytes]) -> Callable[[FaultProxy, Upstream], Awaitable[None]]:
+    """Let the proxy answer every call with a JSON body made from the fake's licenses."""
+
+    async def apply(proxy: FaultProxy, upstream: Upstream) -> None:
+        canned = http_answer("200 OK", make(upstream), "Content-Type: application/json; charset=utf-8")
+        await proxy.set("serve", canned=canned)
+
+    return apply
+
+
+async def spoil_signatures(_proxy: FaultProxy, upstream: Upstream) -> None:
+    """The fake signs every answer with a signature one bit off."""
+    upstream.fake.mode = "bad_signature"
+
+
+@dataclass(frozen=True)
+class Forgery:
+    """An answer that parses but must not be trusted, and the outcome it counts as."""
+
+    name: str
+    kind: str
+    fields: dict[str, str]  # form fields the calls add, e.g. to ask for metadata
+    apply: Callable[[FaultProxy, Upstream], Awaitable[None]]
+
+
+FORGERIES = [
+    Forgery("bad_signature", "bad_signature", {}, spoil_signatures),
+    Forgery(
+        "bad_metadata_signature",
+        "bad_signature",
+        {"metadata": "True"},
+        serve_json(
+            lambda up: spoil_metadata(up.fake.sign_answer(up.fake.license(PRODUCT, LICENSE), metadata=True))
+        ),
+    ),
+    Forgery(
+        "other_license",
+        "other_license",
+        {},
+        serve_json(lambda up: up.fake.sign_answer(up.fake.license(PRODUCT, OTHER_LICENSE))),
+    ),
+    Forgery(
+        "malformed_signed_license",
+        "invalid",
+        {},
+        serve_json(lambda _: b'{"result":0,"message":"","licenseKey":"not base64!","signature":"AAAA"}'),
+    ),
+]
+
+
+async def status_document(daemon: Daemon) -> dict[str, Any]:
+    """The daemon's /status."""
+    async with aiohttp.ClientSession() as session, session.get(f"{daemon.base}/status") as response:
+        document: dict[str, Any] = await response.json()
+    return document
+
+
+class TestForgedAnswers:
+    """An answer that cannot be trusted is a failure like any other: for the breaker, metrics and /status."""
+
+    @pytest.mark.parametrize("forgery", FORGERIES, ids=lambda f: f.name)
+    async def test_forged_answers_open_the_breaker(
+        self, forgery: Forgery, fault_proxy: FaultProxy, upstream: Upstream, daemon_factory: DaemonFactory
+    ) -> None:
+        """Ten forged answers in a row: three reach upstream, then the breaker opens; all get the kept one."""
+        daemon = await daemon_factory(
+            "upstream.breaker.failures=3", "upstream.breaker.reset_after=60s", url=fault_proxy.url
+        )
+        form = activate_form(**forgery.fields)
+        status, headers, good = await send_form(daemon.base, "/api/key/activate", form)
+        assert (status, headers["X-License-Server-Source"]) == (200, "forwarded"), good
+        before = await status_document(daemon)
+        egress = daemon.app[SERVICES].upstream
+        assert egress is not None
+        sent = egress.calls_sent
+        await forgery.apply(fault_proxy, upstream)
+
+        for _ in range(10):
+            status, headers, body = await send_form(daemon.base, "/api/key/activate", form)
+            assert (status, headers["X-License-Server-Source"]) == (200, "kept_stale"), body
+            assert body == good
+        assert egress.calls_sent - sent == 3
+        after = await status_document(daemon)
+        assert after["upstream"]["state"] == "open"
+        assert after["upstream"]["last_success"] == before["upstream"]["last_success"]
+        assert after["upstream"]["last_failure"] is not None
+        counts = await outcomes(daemon)
+        assert (counts.get(forgery.kind), counts.get("breaker_open")) == (3, 7)

@@ -6,8 +6,11 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import re
 import string
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +19,9 @@ from urllib.parse import quote
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
 from license_server.config import DEFAULT_ALLOWED_METHODS
 from license_server.license_files import LicenseFiles
@@ -166,6 +170,26 @@ class TestForms:
         check_form(raw.decode("utf-8", errors="ignore"))
         check_form(raw.decode("latin-1"))
 
+    @pytest.mark.parametrize(
+        "source", ["a=%ED%A0%80", "a=%ed%b0%80", "%ED%A0%80=1", "a=%F0%9F", "a=1&b=%ED%BF%BF"]
+    )
+    def test_no_lone_surrogates(self, source: str) -> None:
+        """A %-escape that would make a lone surrogate (or half a character) is refused as not UTF-8."""
+        with pytest.raises(RequestError) as refused:
+            parse_fields(source)
+        assert refused.value.status == 400
+
+    def test_value_strategy_draws_wire_text(self) -> None:
+        """The cache-key properties draw only values a form can carry: never a lone surrogate."""
+        surrogate = re.compile("[\ud800-\udfff]")
+        checked = settings(database=None, derandomize=True, max_examples=3000)
+        with pytest.raises(NoSuchExample):
+            find(
+                st.text(NO_SEPARATORS, max_size=10),
+                lambda value: bool(surrogate.search(value)),
+                settings=checked,
+            )
+
     @given(
         name=st.sampled_from(["token", "key", "ProductId", "MachineCode", "Sign", "metadata"]),
         first=st.text(string.ascii_letters + string.digits, max_size=8),
@@ -217,8 +241,10 @@ ANSWER_FIELDS = [
 NAME_CASES = st.sampled_from([str.lower, str.upper, str, lambda s: s[:1].upper() + s[1:]])
 
 
-# NUL and SOH separate fields in a cache key: a form holding them is refused.
-NO_SEPARATORS = st.characters(exclude_characters="\x00\x01")
+# NUL and SOH separate fields in a cache key: a form holding them is refused. Only text UTF-8 can carry: a
+# lone surrogate never reaches a field (a body or %-escape that would make one is refused as not UTF-8,
+# and aiohttp refuses raw non-ASCII bytes in a request target), see TestForms.test_no_lone_surrogates.
+NO_SEPARATORS = st.characters(codec="utf-8", exclude_characters="\x00\x01")
 
 
 def cache_key_of(method: str, pairs: list[tuple[str, str]], secret: bytes = SECRET) -> bytes:
@@ -280,6 +306,20 @@ class TestCacheKeys:
             return
         extra = [*SDK_FIELDS.items(), (name, value)]
         assert cache_key_of("key/activate", extra) != cache_key_of("key/activate", list(SDK_FIELDS.items()))
+
+    @given(
+        name=st.sampled_from(["ProductId", "Key", "MachineCode"]),
+        pad=st.text(" \t\n\r\x0b\x0c\x1c\x85\u00a0\u2028\u3000", min_size=1, max_size=3),
+        where=st.sampled_from(["before", "after", "both"]),
+    )
+    def test_surrounding_whitespace_changes_key(self, name: str, pad: str, where: str) -> None:
+        """A value with spaces around it is another call: it never shares the plain value's kept answer."""
+        value = SDK_FIELDS[name]
+        spelt = {"before": pad + value, "after": value + pad, "both": pad + value + pad}[where]
+        changed = {**SDK_FIELDS, name: spelt}
+        assert cache_key_of("key/activate", list(changed.items())) != cache_key_of(
+            "key/activate", list(SDK_FIELDS.items())
+        )
 
     @given(
         first=st.text(string.printable, min_size=8, max_size=40),
@@ -688,6 +728,31 @@ async def exchange_closing(port: int, request: bytes, wait: float = 5) -> tuple[
         return int(lines[0].split(" ", 2)[1]), headers, body
     finally:
         writer.close()
+
+
+class TestProfiles:
+    """CI runs every property on the same examples, with no example database read or written."""
+
+    @pytest.mark.parametrize(("ci", "derandomized"), [("true", True), ("", False)])
+    def test_ci_profile(self, ci: str, derandomized: bool) -> None:
+        """With CI set the loaded profile is derandomised and has no database; without it, the default."""
+        # The default profile first, as a Hypothesis too old to detect CI by itself would leave it.
+        probe = (
+            "from hypothesis import settings; settings.load_profile('default'); import tests.conftest;"
+            " print(settings.default.derandomize, settings.default.database is None)"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("CI", "HYPOTHESIS_PROFILE")}
+        if ci:
+            env["CI"] = ci
+        shown = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert shown == [str(derandomized), str(derandomized)]
 
 
 DEEP = settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -209,6 +212,50 @@ class TestStalledBodies:
         finally:
             writer.close()
         assert upstream.fake.calls == []
+
+
+def longest_text(path: Path) -> int:
+    """The longest text value in any table of a SQLite database."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        rows = [row for table in tables for row in db.execute(f'SELECT * FROM "{table}"')]  # noqa: S608
+    return max((len(value) for row in rows for value in row if isinstance(value, str)), default=0)
+
+
+def read_folder(folder: Path) -> bytes:
+    """Every file of a folder, concatenated."""
+    return b"".join(path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file())
+
+
+class TestOversizedValues:
+    """Values far longer than any SDK sends are refused before they are forwarded, kept or recorded."""
+
+    @pytest.mark.parametrize(
+        ("field", "name"),
+        [
+            ("MachineCode", "MachineCode"),
+            ("FriendlyName", "FriendlyName"),
+            ("key", "Key"),
+            ("ProductId", "ProductId"),
+        ],
+    )
+    async def test_refused_and_not_recorded(
+        self, daemon: Daemon, upstream: Upstream, field: str, name: str
+    ) -> None:
+        """15 KB in a field, bad token: a 400 naming the field; upstream, ledger and audit get none of it."""
+        answers = []
+        for n in range(20):
+            form = activate_form(machine=f"pc-{n}", token="bad-token")
+            form[field] = f"{n}-" + "x" * 15_000
+            status, _, body = await send_form(daemon.base, "/api/key/activate", form)
+            answers.append((status, json.loads(body)))
+        assert {status for status, _ in answers} == {400}
+        assert all(f"'{name}'" in answer["message"] and answer["result"] == 1 for _, answer in answers)
+        assert upstream.fake.calls == []
+        await daemon.stop()  # everything the daemon holds goes to disk
+        for database in ("seats.sqlite3", "answers.sqlite3"):
+            assert await asyncio.to_thread(longest_text, daemon.config.state_dir / database) < 1000
+        assert b"x" * 1000 not in await asyncio.to_thread(read_folder, daemon.config.audit_dir)
 
 
 class TestIdentity:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from license_server.protocol import (
+    FIELD_LIMITS,
     MAX_FIELDS,
     Call,
+    RequestError,
     TokenFingerprints,
     form_pairs,
     normalise_path,
@@ -87,6 +90,17 @@ class TestCacheKeys:
         expected = "e952287666cd2b8df0ca5482e0ab4951e650744fad6099c229a151516b8de91b"
         assert call.cache_key(TokenFingerprints(bytes(range(32)))).hex() == expected
 
+    @pytest.mark.parametrize("field", ["MachineCode", "ProductId", "Key"])
+    @pytest.mark.parametrize("spelling", ["{}\t", "{} ", " {}", "{}\n", "{}\u00a0"])
+    def test_surrounding_whitespace_is_another_key(self, field: str, spelling: str) -> None:
+        """`m1` and `m1<TAB>` are two machines (two products, two keys): they never share a kept answer."""
+        fingerprints = TokenFingerprints(bytes(range(32)))
+        fields = parse_fields(self.FORM)
+        plain = Call.from_fields("key/activate", fields).cache_key(fingerprints)
+        name = field.lower()
+        spelt = {**fields, name: spelling.format(fields[name])}
+        assert Call.from_fields("key/activate", spelt).cache_key(fingerprints) != plain
+
     def test_fingerprints_bounded(self) -> None:
         """A flood of made-up tokens does not grow the remembered fingerprints past their bound."""
         fingerprints = TokenFingerprints(b"s" * 32, remember=8)
@@ -95,3 +109,29 @@ class TestCacheKeys:
             fingerprints(f"token-{n}")
         assert len(fingerprints._known) <= 8
         assert fingerprints("token-0") == first
+
+
+class TestFieldLimits:
+    """Values the daemon keeps (ledger, kept answers, audit) are bounded, far above what the SDKs send."""
+
+    @pytest.mark.parametrize(("name", "label", "limit"), FIELD_LIMITS)
+    def test_longest_accepted(self, name: str, label: str, limit: int) -> None:
+        """A value exactly as long as the limit is a call like any other."""
+        call = Call.from_fields("key/activate", {"token": "t", name: "7" * limit})
+        assert call.fields[name] == "7" * limit
+
+    @pytest.mark.parametrize(("name", "label", "limit"), FIELD_LIMITS)
+    def test_longer_refused(self, name: str, label: str, limit: int) -> None:
+        """One character more is a 400 naming the field and the limit."""
+        with pytest.raises(RequestError) as refused:
+            Call.from_fields("key/activate", {"token": "t", name: "7" * (limit + 1)})
+        assert refused.value.status == 400
+        assert f"'{label}'" in refused.value.message
+        assert f"at most {limit}" in refused.value.message
+
+    def test_what_sdks_send_fits(self) -> None:
+        """A 64-character SHA-256 machine code, a key, a product id and a Windows machine name pass."""
+        machine = "9f2c1e" * 10 + "abcd"
+        form = f"ProductId=3349&Key=MUYVD-LSEBY-CXHRQ-XFAGY&MachineCode={machine}&FriendlyName=LAB-PC-0042"
+        call = Call.from_fields("key/activate", parse_fields(form))
+        assert call.machine_code == machine

@@ -7,6 +7,8 @@ import base64
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -15,6 +17,7 @@ from licensing.methods import Helpers
 from multidict import CIMultiDict
 
 from license_server.app import SERVICES
+from license_server.audit import chain
 from tests.conftest import (
     LICENSE,
     OTHER_LICENSE,
@@ -80,6 +83,23 @@ async def post(
     return await send_form(daemon.base, path, data, headers)
 
 
+def call_records(folder: Path) -> list[dict[str, Any]]:
+    """The call records of an audit trail, oldest first."""
+    return [
+        record
+        for audit_file in chain.list_files(folder)
+        for record in map(json.loads, audit_file.path.read_bytes().splitlines())
+        if record["type"] == chain.CALL
+    ]
+
+
+async def audit_record(daemon: Daemon, request_id: str) -> dict[str, Any]:
+    """The audit record of one answered call (written before its answer was sent)."""
+    records = await asyncio.to_thread(call_records, daemon.config.audit_dir)
+    [record] = [r for r in records if r["request_id"] == request_id]
+    return record
+
+
 class TestForwarding:
     """Calls pass through to the one upstream, byte for byte, whatever the SDK's path spelling."""
 
@@ -126,6 +146,22 @@ class TestForwarding:
         call = upstream.fake.calls[-1]
         assert call.http_method == "GET"
         assert call.query == query
+
+    async def test_post_with_query_reaches_upstream_whole(self, daemon: Daemon, upstream: Upstream) -> None:
+        """Fields split over the query and a POST form all go upstream; the ledger and audit hold those."""
+        form = activate_form(machine="split-pc")
+        query = urlencode({"FloatingTimeInterval": "300", "FriendlyName": "lab-7"})
+        del form["FloatingTimeInterval"], form["FriendlyName"]
+        status, headers, body = await post(daemon, f"/api/key/activate?{query}", form)
+        assert status == 200
+        assert json.loads(body)["result"] == 0
+        sent = upstream.fake.calls_to("key/activate")[-1]
+        assert (sent.http_method, sent.query, sent.body) == ("POST", query, urlencode(form).encode())
+        assert (sent.fields["floatingtimeinterval"], sent.fields["friendlyname"]) == ("300", "lab-7")
+        assert "floating:split-pc" in upstream.fake.licenses[(PRODUCT, LICENSE)].activations
+        assert "split-pc" in daemon.app[SERVICES].licensing.seats.live((str(PRODUCT), LICENSE))
+        record = await audit_record(daemon, headers["X-Request-Id"])
+        assert (record["floating_interval"], record["friendly_name"]) == (300, "lab-7")
 
     async def test_get_key_and_deactivate(self, workstation: MakeWorkstation, upstream: Upstream) -> None:
         """GetKey and Deactivate work through the daemon."""
@@ -213,6 +249,28 @@ class TestRefusedInput:
         assert upstream.fake.calls == []
         # still serving
         assert (await post(daemon, "/api/key/activate", activate_form()))[0] == 200
+
+    async def test_get_with_body_refused(self, daemon: Daemon, upstream: Upstream) -> None:
+        """A GET's body never becomes fields: upstream would read only the query, so the call is a 400."""
+        query = urlencode(activate_form(machine="m1"))
+        ghost = "FloatingTimeInterval=100000000&FriendlyName=ghost"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{daemon.base}/api/key/activate?{query}",
+                data=ghost,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            ) as response,
+        ):
+            assert response.status == 400
+            answer = await response.json(content_type=None)
+            request_id = response.headers["X-Request-Id"]
+        assert answer["result"] == 1
+        assert "GET" in answer["message"]
+        assert upstream.fake.calls == []
+        assert daemon.app[SERVICES].licensing.seats.in_use() == {}
+        record = await audit_record(daemon, request_id)
+        assert (record["status"], record["floating_interval"], record["friendly_name"]) == (400, 0, "")
 
     async def test_other_http_methods(self, daemon: Daemon) -> None:
         """PUT and DELETE get a 405 JSON answer."""
@@ -337,6 +395,52 @@ class TestOutages:
         assert {status for status, _, _ in results} == {200}
         assert len({body for _, _, body in results}) == 1
         assert len(upstream.fake.calls_to("key/getkey")) == 1
+
+
+class TestExactValues:
+    """A machine code is taken exactly as sent: a look-alike spelt with a tab is another machine."""
+
+    async def test_refused_look_alike_keeps_answer(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A look-alike refused on a full license leaves the real machine's kept answer for outages."""
+        victim = workstation("victim-ws")
+        first, message = await victim.activate(OTHER_LICENSE)  # a one-seat license, now full
+        assert first is not None, message
+        refused, message = await workstation("victim-ws\t").activate(OTHER_LICENSE)
+        assert (refused, message) == (None, "Cannot activate the new device as the limit has been reached.")
+        upstream.fake.mode = "http500"
+        served, message = await victim.activate(OTHER_LICENSE)
+        assert served is not None, message
+        assert served.raw_response.signature == first.raw_response.signature
+
+    async def test_look_alike_never_replaces_answer(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A look-alike activated, then deactivated: the real machine is still served its own kept answer."""
+        victim, ghost = workstation("victim-ws"), workstation("victim-ws\t")
+        first, message = await victim.activate()
+        assert first is not None, message
+        assert (await ghost.activate())[0] is not None
+        assert await ghost.deactivate() == (True, "")
+        upstream.fake.mode = "http500"
+        served, message = await victim.activate()
+        assert served is not None, message
+        assert served.raw_response.signature == first.raw_response.signature
+        assert Helpers.IsOnRightMachine(served, custom_machine_code="victim-ws")
+
+    async def test_unknown_look_alike_key_keeps_license(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A key spelt with a space that upstream does not know drops no kept answer of the real key."""
+        victim = workstation("victim-ws")
+        first, message = await victim.activate()
+        assert first is not None, message
+        assert await workstation("attacker").get_key(LICENSE + " ") == (None, "Could not find the key.")
+        upstream.fake.mode = "http500"
+        served, message = await victim.activate()
+        assert served is not None, message
+        assert served.raw_response.signature == first.raw_response.signature
 
 
 class TestRefusalsAreNotFailures:

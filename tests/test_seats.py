@@ -21,10 +21,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from license_server.cli import main
 from license_server.seats import LIMIT_REACHED, SeatLedger
-from tests.conftest import PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
+from tests.admin_support import Admin
+from tests.conftest import LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
 from tests.test_proxy import activate_form
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
+MakeWorkstation = Callable[..., Workstation]
 SEATS = "FLOAT-FLOAT-FLOAT-FLOAT"
 LIC = (str(PRODUCT), SEATS)
 MACHINES = [f"m{i}" for i in range(6)]
@@ -336,3 +338,57 @@ class TestReportsFromTraffic:
         )
         assert code == 0
         assert "<svg" in chart.read_text()
+
+
+class TestOnlyLicensedMachines:
+    """The ledger's machines are those a seat was licensed to; refused and failed attempts stay out of it."""
+
+    async def test_refused_failed_and_denied_activations_are_not_machines(
+        self, daemon: Daemon, upstream: Upstream, workstation: MakeWorkstation, admin: Admin, clock: Clock
+    ) -> None:
+        """Bad tokens, an unknown key, an outage and a denied seat leave reports and console at 3 machines."""
+        for machine in ("m1", "m2", "m3"):  # the license's three seats
+            found, message = await workstation(machine).activate(friendly_name=f"PC-{machine}")
+            assert found is not None, message
+        for n in range(5):
+            refused = await workstation(f"alice-{n}", token="bad-token").activate(
+                friendly_name="ALICE-LAPTOP"
+            )
+            assert refused == (None, "Unable to authenticate.")
+        unknown = await workstation("m1").activate("NOKEY-NOKEY-NOKEY-NOKEY", friendly_name="PC-m1")
+        assert unknown == (None, "Could not find the key.")
+        assert await workstation("m4").activate(friendly_name="PC-m4") == (None, LIMIT_REACHED)
+        await upstream.stop()
+        found, message = await workstation("newcomer").activate(friendly_name="NEWCOMER")
+        assert found is None
+        assert "could not be reached" in message
+        found, message = await workstation("m2").activate(friendly_name="PC-m2")  # kept: still licensed
+        assert found is not None, message
+
+        await admin.settle()
+        clock.advance(1)  # the console's period ends now, and leaves out what happened at this very moment
+        status, body, _ = await admin.api("GET", "/api/v1/licenses")
+        assert status == 200, body
+        counts = [
+            (r["key"], r["machines_active"], r["machines_known"], r["denials"]) for r in body["licenses"]
+        ]
+        assert counts == [(LICENSE, 3, 3, 1)]
+        await daemon.stop()
+        state = f"state_dir={daemon.config.state_dir}"
+        code, out = await asyncio.to_thread(run_cli, "report", "machines", "--set", state, "--format", "json")
+        assert code == 0
+        listed = [json.loads(line) for line in out.splitlines()]
+        assert [(m["machine_code"], m["friendly_name"]) for m in listed] == [
+            ("m1", "PC-m1"),
+            ("m2", "PC-m2"),
+            ("m3", "PC-m3"),
+        ]
+        code, out = await asyncio.to_thread(
+            run_cli, "report", "seats", "--set", state, "--since", "1d", "--format", "json"
+        )
+        assert code == 0
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [
+            (r["key"], r["node_locked_machines"], r["distinct_machines"], r["denials"], r["seat_limit"])
+            for r in rows
+        ] == [(LICENSE, 3, 3, 1, 3)]

@@ -21,25 +21,28 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def licenses(request: web.Request) -> web.Response:
-    """GET /api/v1/licenses: seats in use against each license's limit."""
+    """GET /api/v1/licenses: a page of seats in use against each license's limit."""
     try:
         days = data.period(request.query.get("days"))
+        offset, most = data.api_window(request.query)
     except data.BadQueryError as exc:
         return error(request, 400, str(exc))
-    return json_response(await data.license_list(request, days))
+    return json_response(await data.license_list(request, days, offset, most))
 
 
 async def machines(request: web.Request) -> web.Response:
-    """GET /api/v1/machines: search by friendly name, machine code, license key or address."""
+    """GET /api/v1/machines: a page of the search by friendly name, machine code, license key or address."""
     query = request.query
     try:
-        most = data.limit(query.get("limit"), 200, data.MAX_MACHINES)
+        offset, most = data.api_window(query)
     except data.BadQueryError as exc:
-        return error(request, 400, f"limit: {exc}")
+        return error(request, 400, str(exc))
     found = await data.machine_list(
-        request, query.get("q", ""), idle_only=data.flag(query.get("idle")), most=most
+        request, query.get("q", ""), idle_only=data.flag(query.get("idle")), offset=offset, most=most
     )
-    return json_response({"machines": found.rows, "truncated": found.truncated})
+    return json_response(
+        {"machines": found.rows, "truncated": found.next_offset is not None, **data.paging(found)}
+    )
 
 
 async def deactivate(request: web.Request) -> web.Response:

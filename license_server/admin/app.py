@@ -20,13 +20,16 @@ from license_server.admin.keys import (
     ASSETS,
     CHART_LOCK,
     CONSOLE,
+    FAILURE_RECORDS,
     NOW,
     SESSIONS,
     SETTINGS,
+    THROTTLE,
     VERIFIER,
     Assets,
 )
 from license_server.admin.sessions import Sessions
+from license_server.admin.throttle import RecordBudget, Throttle
 from license_server.admin.trail import Verifier
 from license_server.config import AdminConfig
 from license_server.handlers import status_document
@@ -56,6 +59,8 @@ def create_admin_app(
     app[SESSIONS] = Sessions(settings.session_lifetime, clock)
     app[VERIFIER] = Verifier(services.config.audit_dir, clock)
     app[CHART_LOCK] = asyncio.Lock()
+    app[THROTTLE] = Throttle(clock)
+    app[FAILURE_RECORDS] = RecordBudget(clock)
     app[NOW] = clock
     add = app.router.add_route
     add("GET", "/login", auth.login_form, name="login_form")

@@ -2,7 +2,8 @@
 
 Public are only the login form, the stylesheet it needs, and the monitoring endpoints that the workstation
 port serves without a credential too. Everything else, including paths that do not exist, answers 401
-without a credential, so a route cannot be added unprotected by forgetting a check.
+without a credential, so a route cannot be added unprotected by forgetting a check. Wrong tokens slow their
+address down (throttle.py): past a few, its tokens are answered 429 unchecked for a while.
 """
 
 from __future__ import annotations
@@ -10,12 +11,26 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+import structlog
 from aiohttp import web
 
 from license_server.admin.html import hidden
-from license_server.admin.keys import ADMIN_TOKEN, ASSETS, CONSOLE, PRINCIPAL, SESSIONS, SETTINGS, Principal
+from license_server.admin.keys import (
+    ADMIN_TOKEN,
+    ASSETS,
+    CONSOLE,
+    FAILURE_RECORDS,
+    PRINCIPAL,
+    SESSIONS,
+    SETTINGS,
+    THROTTLE,
+    Principal,
+)
 from license_server.admin.render import error, is_api, page
 from license_server.admin.sessions import COOKIE, Session, Sessions
+from license_server.admin.throttle import FREE_FAILURES
+
+log = structlog.get_logger(__name__)
 
 PUBLIC_ROUTES = frozenset({"login_form", "login", "stylesheet", "healthz", "readyz", "status", "metrics"})
 CSRF_HEADER = "X-CSRF-Token"
@@ -53,8 +68,13 @@ async def _checked(request: web.Request, handler: Handler) -> web.StreamResponse
     route = request.match_info.route
     if route.name in PUBLIC_ROUTES:
         return await handler(request)
-    principal = _bearer(request)
-    if principal is None:
+    given = _bearer_token(request)
+    if given is not None:
+        refusal = await _check_bearer(request, given)
+        if refusal is not None:
+            return refusal
+        principal = Principal(request.app[SETTINGS].label or "admin", request.remote or "", None)
+    else:
         session = request.app[SESSIONS].find(request.cookies.get(COOKIE))
         if session is None:
             return unauthorized(request)
@@ -72,13 +92,53 @@ async def _checked(request: web.Request, handler: Handler) -> web.StreamResponse
     return await handler(request)
 
 
-def _bearer(request: web.Request) -> Principal | None:
-    """The API caller, when the request carries the admin token as `Authorization: Bearer`."""
+def _bearer_token(request: web.Request) -> str | None:
+    """The token of an `Authorization: Bearer` header, or None when the request has none."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not request.app[ADMIN_TOKEN].matches(given.strip()):
+    return given.strip() if scheme.lower() == "bearer" else None
+
+
+async def _check_bearer(request: web.Request, given: str) -> web.Response | None:
+    """None for the admin token, else the refusal: 429 while the address must wait, else 401 (counted)."""
+    client = request.remote or ""
+    wait = request.app[THROTTLE].wait(client)
+    if wait is not None:
+        return too_many(request, wait, request.path_qs if request.method == "GET" else "/")
+    if request.app[ADMIN_TOKEN].matches(given):
+        request.app[THROTTLE].succeeded(client)
         return None
-    label = request.app[SETTINGS].label or "admin"
-    return Principal(label, request.remote or "", None)
+    who = request.app[SETTINGS].label or "admin"
+    await _failed(request, "bearer", {"actor": f"{who}@{client}#api", "client": client, "session": "api"})
+    return unauthorized(request)
+
+
+async def _failed(request: web.Request, via: str, actor: dict[str, str]) -> None:
+    """A wrong token: slow its address down, count it, and record it while the trail's budget allows."""
+    client = actor["client"]
+    wait = request.app[THROTTLE].failed(client)  # before any await: concurrent guesses are counted in turn
+    console = request.app[CONSOLE]
+    console.services.metrics.admin_auth_failures.labels(via=via).inc()
+    if wait:
+        log.warning("admin_auth_throttled", client=client, via=via, wait_s=wait)
+    left_out = request.app[FAILURE_RECORDS].take()
+    if left_out is not None:
+        details = {"unrecorded": left_out} if left_out else {}
+        await console.record(actor, "login_failed" if via == "login" else "bearer_failed", **details)
+
+
+def too_many(request: web.Request, wait: int, target: str = "/") -> web.Response:
+    """429 with Retry-After: too many wrong tokens from this address; none it sends is checked meanwhile."""
+    request.app[CONSOLE].services.metrics.admin_auth_throttled.inc()
+    message = (
+        f"Too many wrong admin tokens came from your address ({FREE_FAILURES} or more in a row):"
+        f" try again in {wait} seconds."
+    )
+    if is_api(request):
+        response = error(request, 429, message)
+    else:
+        response = login_page(request, message, target, status=429)
+    response.headers["Retry-After"] = str(wait)
+    return response
 
 
 async def _csrf_ok(request: web.Request, sessions: Sessions, session: Session) -> bool:
@@ -118,19 +178,21 @@ async def login(request: web.Request) -> web.StreamResponse:
     if request.content_type != _FORM:
         return error(request, 415, f"Send the login form as {_FORM}.")
     form = await request.post()
-    token, name, target = (form.get(field) for field in ("token", "name", "next"))
+    token, name, given_target = (form.get(field) for field in ("token", "name", "next"))
+    target = given_target if isinstance(given_target, str) else "/"
     client = request.remote or ""
     who = _who(name) or request.app[SETTINGS].label or "admin"
-    console = request.app[CONSOLE]
+    wait = request.app[THROTTLE].wait(client)
+    if wait is not None:
+        return too_many(request, wait, target)
     if not isinstance(token, str) or not request.app[ADMIN_TOKEN].matches(token):
-        await console.record({"actor": f"{who}@{client}#-", "client": client, "session": "-"}, "login_failed")
-        return login_page(
-            request, "That is not the admin token.", target if isinstance(target, str) else "/", status=401
-        )
+        await _failed(request, "login", {"actor": f"{who}@{client}#-", "client": client, "session": "-"})
+        return login_page(request, "That is not the admin token.", target, status=401)
+    request.app[THROTTLE].succeeded(client)
     sessions = request.app[SESSIONS]
     session, cookie = sessions.create(who, client)
-    await console.record(Principal(who, client, session).fields(), "login")
-    response = see_other(_local(target if isinstance(target, str) else "/"))
+    await request.app[CONSOLE].record(Principal(who, client, session).fields(), "login")
+    response = see_other(_local(target))
     response.set_cookie(
         COOKIE,
         cookie,
@@ -138,9 +200,26 @@ async def login(request: web.Request) -> web.StreamResponse:
         samesite="Strict",
         path="/",
         max_age=int(request.app[SETTINGS].session_lifetime),
-        secure=request.secure,
+        secure=secure_cookie(request),
     )
     return response
+
+
+def secure_cookie(request: web.Request) -> bool:
+    """Whether the login cookie is marked Secure: admin.secure_cookie, or for auto, whether HTTPS was used.
+
+    auto also believes a reverse proxy's X-Forwarded-Proto or Forwarded header: a client that sends one
+    falsely only gets a cookie its own browser keeps off plain HTTP.
+    """
+    setting = request.app[SETTINGS].secure_cookie
+    if setting != "auto":
+        return setting == "true"
+    if request.secure:
+        return True
+    forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    if forwarded_proto == "https":
+        return True
+    return bool(request.forwarded) and request.forwarded[0].get("proto", "").lower() == "https"
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
@@ -150,7 +229,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
         request.app[SESSIONS].end(principal.session)
     await request.app[CONSOLE].record(principal.fields(), "logout")
     response = see_other("/login")
-    response.del_cookie(COOKIE, path="/")
+    response.del_cookie(COOKIE, path="/", secure=secure_cookie(request), httponly=True, samesite="Strict")
     return response
 
 
@@ -168,7 +247,13 @@ def _who(name: object) -> str:
 
 
 def _local(target: str) -> str:
-    """A path on this console to go to after login; anything else (another site) becomes "/"."""
+    """A path on this console to go to after login; anything else (another site) becomes "/".
+
+    A control character (CR, LF, NUL, tab) also makes it "/": urlsplit drops some before it looks, and a
+    Location header cannot carry them, so what is returned is exactly what was checked.
+    """
+    if not target.isprintable():
+        return "/"
     parts = urlsplit(target)
     if (
         parts.scheme

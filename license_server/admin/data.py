@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from license_server.admin.keys import CONSOLE, NOW, SETTINGS, VERIFIER
-from license_server.admin.ledger import MachineList, find_machines, licenses
+from license_server.admin.ledger import Slice, find_machines, licenses
 from license_server.admin.trail import MAX_PAGE, PER_PAGE, Page, query_from, read_page
 from license_server.audit.chain import utc_now_text
 from license_server.handlers import status_document
@@ -17,7 +18,11 @@ from license_server.keys import Services
 
 DAY = 86400
 PERIODS = (7, 30, 90, 365)  # days the licenses page offers
-MAX_MACHINES = 500
+# Every list is answered a page at a time, so no answer grows with the ledger.
+MAX_ROWS = 500  # rows in one page or API answer at most, whatever is asked for
+PAGE_ROWS = 100  # rows a console page shows unless per_page asks for another number
+API_ROWS = 200  # rows an API answer holds unless limit asks for another number
+MAX_OFFSET = 1_000_000_000
 
 
 class BadQueryError(ValueError):
@@ -56,8 +61,8 @@ def period(value: str | None) -> int:
     return int(value)
 
 
-async def license_list(request: web.Request, days: int) -> dict[str, Any]:
-    """Every license: seats in use against the limit, machines, the period's peak and denials."""
+async def license_list(request: web.Request, days: int, offset: int, most: int) -> dict[str, Any]:
+    """A page of the licenses: seats in use against the limit, machines, the period's peak and denials."""
     services = services_of(request)
     now = request.app[NOW]()
     ledger = services.licensing.seats
@@ -65,11 +70,23 @@ async def license_list(request: web.Request, days: int) -> dict[str, Any]:
     rows, _ = await asyncio.to_thread(
         licenses, ledger.db.path, since=now - days * DAY, until=now, in_use=ledger.in_use()
     )
+    found = Slice.of(rows, offset, most)
     return {
         "days": days,
         "since": utc_now_text(now - days * DAY),
         "until": utc_now_text(now),
-        "licenses": rows,
+        "licenses": found.rows,
+        **paging(found),
+    }
+
+
+def paging(found: Slice) -> dict[str, int | None]:
+    """Where a page of an API list sits in the whole list, and where the next one starts (None: no more)."""
+    return {
+        "total": found.total,
+        "offset": found.offset,
+        "limit": found.limit,
+        "next_offset": found.next_offset,
     }
 
 
@@ -78,17 +95,43 @@ def flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "on", "yes")
 
 
-def limit(value: str | None, default: int, most: int) -> int:
-    """A count from a query field, within 1..most."""
+def limit(value: str | None, default: int, most: int, least: int = 1) -> int:
+    """A count from a query field, within least..most."""
     if value is None or value == "":
         return default
-    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= most:
-        raise BadQueryError(f"expected a whole number between 1 and {most}, got {value[:20]!r}")
+    if not value.isascii() or not value.isdigit() or len(value) > 12 or not least <= int(value) <= most:
+        raise BadQueryError(f"expected a whole number between {least} and {most}, got {value[:20]!r}")
     return int(value)
 
 
-async def machine_list(request: web.Request, text: str, *, idle_only: bool, most: int) -> MachineList:
-    """Machines matching a search across all licenses, each marked idle or not."""
+def api_window(query: Mapping[str, str]) -> tuple[int, int]:
+    """(offset, limit) of an API list from its `offset` and `limit` fields; BadQueryError names the field."""
+    try:
+        most = limit(query.get("limit"), API_ROWS, MAX_ROWS)
+    except BadQueryError as exc:
+        raise BadQueryError(f"limit: {exc}") from None
+    try:
+        start = limit(query.get("offset"), 0, MAX_OFFSET, least=0)
+    except BadQueryError as exc:
+        raise BadQueryError(f"offset: {exc}") from None
+    return start, most
+
+
+def page_window(query: Mapping[str, str]) -> tuple[int, int]:
+    """(offset, limit) of a console page from its `page` and `per_page` fields; BadQueryError names one."""
+    try:
+        per_page = limit(query.get("per_page"), PAGE_ROWS, MAX_ROWS)
+    except BadQueryError as exc:
+        raise BadQueryError(f"per_page: {exc}") from None
+    try:
+        page = limit(query.get("page"), 1, MAX_OFFSET // per_page)
+    except BadQueryError as exc:
+        raise BadQueryError(f"page: {exc}") from None
+    return (page - 1) * per_page, per_page
+
+
+async def machine_list(request: web.Request, text: str, *, idle_only: bool, offset: int, most: int) -> Slice:
+    """A page of the machines matching a search across all licenses, each marked idle or not."""
     services = services_of(request)
     ledger = services.licensing.seats
     await ledger.db.flush()
@@ -99,6 +142,7 @@ async def machine_list(request: web.Request, text: str, *, idle_only: bool, most
         idle_only=idle_only,
         idle_days=request.app[SETTINGS].idle_days,
         now=request.app[NOW](),
+        offset=offset,
         limit=most,
     )
 

@@ -12,6 +12,7 @@ from license_server.admin.actions import Console
 from license_server.admin.credentials import Secret
 from license_server.admin.html import Templates, asset
 from license_server.admin.sessions import Session, Sessions
+from license_server.admin.throttle import RecordBudget, Throttle
 from license_server.admin.trail import Verifier
 from license_server.config import AdminConfig
 
@@ -55,5 +56,7 @@ VERIFIER = web.AppKey("admin_verifier", Verifier)
 SETTINGS = web.AppKey("admin_settings", AdminConfig)
 ADMIN_TOKEN = web.AppKey("admin_token", Secret)
 CHART_LOCK = web.AppKey("admin_chart_lock", asyncio.Lock)
+THROTTLE = web.AppKey("admin_throttle", Throttle)
+FAILURE_RECORDS = web.AppKey("admin_failure_records", RecordBudget)
 NOW: web.AppKey[Callable[[], float]] = web.AppKey("admin_clock")
 PRINCIPAL = web.RequestKey("admin_principal", Principal)

@@ -49,16 +49,34 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection]:
 
 
 @dataclass(frozen=True, slots=True)
-class MachineList:
-    """Machines that match a search, and whether there were more than the list holds."""
+class Slice:
+    """One page of a longer list: its rows, where it starts, the most it holds, and how long the list is."""
 
     rows: list[dict[str, object]]
-    truncated: bool
+    offset: int
+    limit: int
+    total: int
+
+    @property
+    def next_offset(self) -> int | None:
+        """Where the next page starts, or None after the last one."""
+        end = self.offset + self.limit
+        return end if end < self.total else None
+
+    @property
+    def previous_offset(self) -> int | None:
+        """Where the previous page starts, or None on the first one."""
+        return max(0, self.offset - self.limit) if self.offset > 0 else None
+
+    @classmethod
+    def of(cls, rows: list[dict[str, object]], offset: int, limit: int) -> Slice:
+        """The page of `rows` that starts at `offset`."""
+        return cls(rows[offset : offset + limit], offset, limit, len(rows))
 
 
 def find_machines(
-    path: Path, *, text: str, idle_only: bool, idle_days: int, now: float, limit: int
-) -> MachineList:
+    path: Path, *, text: str, idle_only: bool, idle_days: int, now: float, offset: int, limit: int
+) -> Slice:
     """Machines whose friendly name, machine code, license key or address contains `text`, any case."""
     with _reading(path) as db:
         rows = machines(db, MachineQuery(now=now, idle_days=idle_days if idle_only else None))
@@ -70,7 +88,7 @@ def find_machines(
             continue
         row["idle"] = row["deactivated"] is None and _whole(row["idle_days"]) >= idle_days
         found.append(row)
-    return MachineList(found[:limit], len(found) > limit)
+    return Slice.of(found, offset, limit)
 
 
 def _whole(value: object) -> int:

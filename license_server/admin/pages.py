@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 from urllib.parse import urlencode
 
+import structlog
 from aiohttp import web
 
 from license_server import __version__
@@ -18,11 +19,22 @@ from license_server.admin.ledger import seat_chart
 from license_server.admin.render import error, page
 from license_server.charts import INSTALL_HINT, ChartsUnavailableError
 
-_NO_CHART = (
-    '<svg xmlns="http://www.w3.org/2000/svg" width="640" height="60">'
-    '<text x="10" y="35" font-family="sans-serif" font-size="14">'
-    f"The chart needs matplotlib: {INSTALL_HINT}</text></svg>"
-)
+log = structlog.get_logger(__name__)
+
+
+def _chart_notice(*lines: str) -> bytes:
+    """An SVG that says, in a few lines of text, why there is no chart."""
+    texts = "".join(
+        f'<text x="10" y="{25 + 22 * number}">{esc(line)}</text>' for number, line in enumerate(lines)
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="720" height="{20 + 22 * len(lines)}"'
+        f' font-family="sans-serif" font-size="14">{texts}</svg>'
+    ).encode()
+
+
+_NO_CHART = _chart_notice("The chart needs matplotlib, the charts extra:", INSTALL_HINT + ".")
+_CHART_FAILED = _chart_notice("The chart could not be drawn; the daemon's log says why (chart_failed).")
 _STATES = {
     "closed": ("up", "Up"),
     "half_open": ("warn", "Down, checking again"),
@@ -85,12 +97,13 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def licenses(request: web.Request) -> web.Response:
-    """GET /licenses: seats in use against each limit, with the seats chart."""
+    """GET /licenses: seats in use against each limit, a page at a time, with the seats chart."""
     try:
         days = data.period(request.query.get("days"))
+        offset, per_page = data.page_window(request.query)
     except data.BadQueryError as exc:
         return error(request, 400, str(exc))
-    found = await data.license_list(request, days)
+    found = await data.license_list(request, days, offset, per_page)
     rows = Markup("".join(_license_row(row) for row in found["licenses"])) or Markup(
         '<tr><td colspan="8">No license has been seen yet.</td></tr>'
     )
@@ -101,7 +114,13 @@ async def licenses(request: web.Request) -> web.Response:
         )
     )
     content = _templates(request).render(
-        "licenses", rows=rows, day_options=options, days=days, chart=f"/licenses/chart.svg?days={days}"
+        "licenses",
+        rows=rows,
+        day_options=options,
+        days=days,
+        chart=f"/licenses/chart.svg?days={days}",
+        count=_shown(found["total"], offset, len(found["licenses"]), "license(s)"),
+        pages=_page_links(request, found["total"], offset, per_page),
     )
     return page(request, "Licenses", content)
 
@@ -139,7 +158,10 @@ async def chart(request: web.Request) -> web.Response:
                 seat_chart, ledger.db.path, since=now - days * data.DAY, until=now, key=key
             )
     except ChartsUnavailableError:
-        svg = _NO_CHART.encode()
+        svg = _NO_CHART
+    except Exception:  # a picture on a page: whatever stops it is logged, never answered with a 500
+        log.exception("chart_failed", days=days)
+        svg = _CHART_FAILED
     return web.Response(body=svg, content_type="image/svg+xml")
 
 
@@ -148,13 +170,14 @@ async def machines(request: web.Request, *, message: str = "", kind: str = "ok")
     text = request.query.get("q", "")
     idle_only = data.flag(request.query.get("idle"))
     idle_days = request.app[SETTINGS].idle_days
-    found = await data.machine_list(request, text, idle_only=idle_only, most=data.MAX_MACHINES)
+    try:
+        offset, per_page = data.page_window(request.query)
+    except data.BadQueryError as exc:
+        return error(request, 400, str(exc))
+    found = await data.machine_list(request, text, idle_only=idle_only, offset=offset, most=per_page)
     back = request.path_qs
     rows = Markup("".join(_machine_row(row, back) for row in found.rows)) or Markup(
         '<tr><td colspan="9">No machine matches.</td></tr>'
-    )
-    count = f"{len(found.rows)} machine(s)" + (
-        f"; only the first {data.MAX_MACHINES} are shown" if found.truncated else ""
     )
     content = _templates(request).render(
         "machines",
@@ -162,8 +185,9 @@ async def machines(request: web.Request, *, message: str = "", kind: str = "ok")
         q=text,
         idle_checked=Markup("checked") if idle_only else "",
         idle_days=idle_days,
-        count=count,
+        count=_shown(found.total, offset, len(found.rows), "machine(s)"),
         rows=rows,
+        pages=_page_links(request, found.total, offset, per_page),
     )
     return page(request, "Machines", content)
 
@@ -380,6 +404,24 @@ def _pages(params: dict[str, str], current: int, total: int) -> Markup:
     for label, number in (("← newer", current - 1), ("older →", current + 1)):
         if 1 <= number <= min(total, 200):
             links.append(tag("a", label, href="/audit?" + urlencode({**params, "page": number})))
+    return join(links, " ")
+
+
+def _shown(total: int, offset: int, count: int, what: str) -> str:
+    """How many rows a list has, and which of them this page shows."""
+    if count == 0 or (offset == 0 and count == total):
+        return f"{total} {what}"
+    return f"{total} {what}; {offset + 1} to {offset + count} shown"
+
+
+def _page_links(request: web.Request, total: int, offset: int, per_page: int) -> Markup:
+    """Links to the previous and next pages of a list, keeping its search."""
+    params = {key: value for key, value in request.query.items() if key != "page"}
+    current = offset // per_page + 1
+    links: list[object] = []
+    for label, number in (("← previous", current - 1), ("next →", current + 1)):
+        if number >= 1 and (number - 1) * per_page < total:
+            links.append(tag("a", label, href=f"{request.path}?" + urlencode({**params, "page": number})))
     return join(links, " ")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from license_server.state import open_private
 
 GENESIS = "0" * 64  # the `prev` of the very first record
 HEAD_FILE = "head.json"
@@ -88,5 +91,10 @@ def read_head(folder: Path) -> Head | None:
 def write_head(folder: Path, head: Head) -> None:
     """Replace the head marker atomically (write a temporary file, rename it over)."""
     tmp = folder / f".{HEAD_FILE}.tmp"
-    tmp.write_bytes(json.dumps({"seq": head.seq, "hash": head.hash, "file": head.file}).encode())
+    tmp.unlink(missing_ok=True)  # a leftover from a crash may have another mode
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, json.dumps({"seq": head.seq, "hash": head.hash, "file": head.file}).encode())
+    finally:
+        os.close(fd)
     tmp.replace(folder / HEAD_FILE)

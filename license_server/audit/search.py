@@ -43,6 +43,16 @@ ACTIONS: tuple[str, ...] = (
     "refused",
     "upstream_failed",
 )
+# What an admin did in the console (the `action` of an `admin` record).
+ADMIN_ACTIONS: tuple[str, ...] = (
+    "login",
+    "login_failed",
+    "bearer_failed",
+    "logout",
+    "deactivate",
+    "activate",
+    "download",
+)
 # A record may be stamped a moment before its file is opened, and clocks are stepped by small amounts.
 FILE_TIME_SLACK = timedelta(minutes=1)
 MAX_LINE = 16 * 1024 * 1024  # far beyond any record; a longer line is read only this far
@@ -67,6 +77,9 @@ _RIGHT_ALIGNED = frozenset({"result", "latency_ms"})
 _MESSAGE_WIDTH = 40
 _WIDTH_SAMPLE = 200  # rows read before the table's column widths are fixed
 _CSV_COLUMNS = ("seq", "time", "type", *CALL_FIELDS, "actor", "details")
+# First characters that make a spreadsheet read a cell as a formula (or, for tab and CR, can be trimmed
+# away in front of one); the full-width forms are read as formulas by some spreadsheets in East Asian locales.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,7 +92,7 @@ class Query:
     since: datetime | None = None
     until: datetime | None = None
     product: str | None = None  # product id, exact
-    action: str | None = None  # what the daemon did, one of ACTIONS
+    action: str | None = None  # what the daemon or an admin did, one of ACTIONS or ADMIN_ACTIONS
     client: str | None = None  # workstation address, exact
 
     def matches(self, record: dict[str, Any]) -> bool:
@@ -285,12 +298,25 @@ def parse_time(text: str, now: datetime) -> datetime:
 
 
 def write_json(records: Iterable[dict[str, Any]], out: TextIO) -> int:
-    """Write records as JSON lines; returns how many."""
+    """Write records as JSON lines, every value exact; returns how many."""
     count = 0
     for record in records:
-        out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        out.write(json_text(record) + "\n")
         count += 1
     return count
+
+
+def json_text(value: object) -> str:
+    """Compact JSON that decodes to exactly `value`, with every unprintable character as a \\u escape.
+
+    Programs read the exact value back; a terminal that shows the line gets no control or bidirectional
+    character (json.dumps itself escapes only those below U+0020).
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if text.isprintable():
+        return text
+    # Outside strings JSON has only printable ASCII, so every character replaced here is inside a string.
+    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] for char in text)
 
 
 def write_csv(records: Iterable[dict[str, Any]], out: TextIO) -> int:
@@ -300,7 +326,7 @@ def write_csv(records: Iterable[dict[str, Any]], out: TextIO) -> int:
     count = 0
     for record in records:
         row = {column: csv_value(record.get(column)) for column in _CSV_COLUMNS}
-        row["details"] = _details(record, _CSV_COLUMNS)
+        row["details"] = csv_value(_details(record, _CSV_COLUMNS))
         writer.writerow(row)
         count += 1
     return count
@@ -328,12 +354,13 @@ def _table_row(record: dict[str, Any]) -> list[str]:
     """The table cells of one record; an admin record shows its actor as client and its details as message."""
     values = record
     if record.get("type") == chain.ADMIN:
+        shown = ("key", "machine", "friendly_name", "action")
         values = {
             "time": record.get("time"),
             "client": record.get("actor"),
             "api_method": "(admin)",
-            "action": record.get("action"),
-            "message": _details(record, ("actor", "action")),
+            **{column: record.get(column) for column in shown},
+            "message": _details(record, ("actor", *shown)),
         }
     return [_cell(values.get(column), column) for column in _TABLE_COLUMNS]
 
@@ -352,8 +379,11 @@ def _cell(value: object, column: str) -> str:
 
 
 def printable(text: str) -> str:
-    """Text with control characters escaped, for a terminal."""
-    # Workstations choose machine codes and names: never let them put terminal escapes on an admin's screen.
+    """Text with control, bidirectional and other unprintable characters as visible escapes, e.g. \\x1b."""
+    # Workstations choose keys, machine codes and names: never let them put terminal escapes on an admin's
+    # screen, nor reorder what a table or a spreadsheet shows.
+    if text.isprintable():
+        return text
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
@@ -372,16 +402,30 @@ def aligned(
 
 
 def csv_value(value: object) -> object:
-    """A field as a CSV cell: null empty, nested values as JSON."""
+    """A field as a CSV cell: null empty, nested values as JSON, text made safe for a spreadsheet.
+
+    Every CSV writer writes its cells through this. Text gets unprintable characters as visible escapes, and
+    text a spreadsheet would take for a formula (= + - @, their full-width forms, a tab or carriage return
+    first) gets a leading single quote, as OWASP advises; numbers stay numbers.
+    """
     if value is None:
         return ""
     if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return json_text(value)
+    if isinstance(value, str):
+        return _neutralised(value)
     return value
+
+
+def _neutralised(text: str) -> str:
+    """Text as a CSV cell: visible escapes, and a quote first if it would start a formula."""
+    if text.startswith(_FORMULA_STARTS):
+        return "'" + printable(text)
+    return printable(text)
 
 
 def _details(record: dict[str, Any], shown: Iterable[str]) -> str:
     """The fields not shown elsewhere (nor the chain's own) as compact JSON; empty if there are none."""
     skip = {"seq", "time", "prev", "type", *shown}
     rest = {name: value for name, value in record.items() if name not in skip}
-    return json.dumps(rest, ensure_ascii=False, separators=(",", ":")) if rest else ""
+    return json_text(rest) if rest else ""

@@ -22,6 +22,7 @@ import structlog
 
 from license_server.audit import chain
 from license_server.config import AuditConfig
+from license_server.state import open_private, private_folder
 from license_server.utctext import UtcText
 
 log = structlog.get_logger(__name__)
@@ -75,7 +76,7 @@ class _Files:
 
     def recover(self) -> list[dict[str, Any]]:
         """Find the end of the chain, cut a torn tail, and return the records that explain what was found."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_folder(self.folder)
         notes: list[dict[str, Any]] = []
         for audit_file in reversed(chain.list_files(self.folder)):
             found, torn = _last_intact(audit_file.path)
@@ -154,7 +155,7 @@ class _Files:
         self._close_fd()
         self.name = chain.file_name(first_seq, stamp)
         path = self.folder / self.name
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self.fd = open_private(path, os.O_WRONLY | os.O_APPEND)
         self.size = os.fstat(self.fd).st_size
         self.day = _day(stamp)
         if self.config.fsync is not None:
