@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
-from license_server.protocol import Call, TokenFingerprints, parse_fields
-from license_server.state import load_fingerprint_key
-from license_server.store import Kept, Store
+from license_server.licensing.protocol import Call, TokenFingerprints, parse_fields
+from license_server.storage.answers import Kept, Store
+from license_server.storage.state import load_fingerprint_key
 from tests.fake_upstream import Activation, FakeCryptolens
 
 METHOD = "key/activate"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.dataset import license_key, machine_code
-from license_server.seats import LIMIT_REACHED, SCHEMA
+from license_server.storage.seats import LIMIT_REACHED, SCHEMA
 
 HOUR = 3600
 DAY = 86400

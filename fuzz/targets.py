@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 with atheris.instrument_imports(include=["license_server"]):
-    from license_server.license_files import LicenseFiles
-    from license_server.protocol import (
+    from license_server.licensing.license_files import LicenseFiles
+    from license_server.licensing.protocol import (
         Call,
         RequestError,
         TokenFingerprints,
@@ -25,7 +25,7 @@ with atheris.instrument_imports(include=["license_server"]):
         parse_answer,
         parse_fields,
     )
-    from license_server.signatures import (
+    from license_server.licensing.signatures import (
         AnswerFormatError,
         KeyRing,
         load_public_key,

@@ -15,14 +15,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from license_server import __version__, charts, logs, reports
+from license_server import __version__, logs
 from license_server.admin.credentials import token_file_problems
 from license_server.audit import search as audit_search
 from license_server.audit import verify as audit_verify
 from license_server.config import Config, ConfigError, describe, load_config
-from license_server.license_files import LicenseFiles
-from license_server.signatures import KeyFormatError, load_keyring
-from license_server.state import StateInUseError
+from license_server.licensing.license_files import LicenseFiles
+from license_server.licensing.signatures import KeyFormatError, load_keyring
+from license_server.reports import charts
+from license_server.reports import seats as reports
+from license_server.storage.state import StateInUseError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -220,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # instead of the default 5 ms, which would otherwise show up as latency on every waiting call.
     sys.setswitchinterval(0.001)
     try:
-        from license_server.server import serve  # here: the report and audit commands start faster without it
+        from license_server.daemon import serve  # here: the report and audit commands start faster without it
 
         asyncio.run(serve(config, load=lambda: _load(args), call_line=logging.call_line))
     except (OSError, StateInUseError) as exc:

@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from license_server.admin.keys import CONSOLE
-from license_server.keys import Services
+from license_server.web.keys import Services
 
 ADMIN_TOKEN = "admin-token-3f9c1d7e5b2a48c6e0d1f7a9b3c5d2e8"  # as long and random as the console requires
 UPSTREAM_TOKEN = "upstream-admin-token-8a1b2c3d"  # the fake upstream is told to accept it

@@ -25,8 +25,8 @@ from multidict import CIMultiDict
 from license_server.admin.app import create_admin_app
 from license_server.admin.credentials import Secret
 from license_server.admin.keys import Assets
-from license_server.app import SERVICES, create_app
 from license_server.config import AdminConfig, Config, load_config
+from license_server.web.app import SERVICES, create_app
 from tests.admin_support import ADMIN_TOKEN, UPSTREAM_TOKEN, Admin
 from tests.fake_upstream import FakeCryptolens, generate_key
 

@@ -28,7 +28,7 @@ from license_server.admin.throttle import (
 )
 from license_server.audit import search
 from license_server.config import AdminConfig, AdminListenConfig, ConfigError, load_config
-from license_server.keys import SERVICES
+from license_server.web.keys import SERVICES
 from tests.admin_support import ADMIN_TOKEN, Admin, csrf_of, write_secret
 from tests.conftest import Clock, Daemon
 

@@ -14,7 +14,7 @@ from licensing.models import LicenseKey
 from structlog.testing import capture_logs
 
 from license_server.audit import search
-from license_server.signatures import KeyRing
+from license_server.licensing.signatures import KeyRing
 from tests.admin_support import Admin
 from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation
 

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from license_server.app import SERVICES
+from license_server.web.app import SERVICES
 from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
 from tests.fault_proxy import FaultProxy
 from tests.pki import Pki

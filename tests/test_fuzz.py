@@ -24,9 +24,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import NoSuchExample
 
 from license_server.config import DEFAULT_ALLOWED_METHODS
-from license_server.license_files import LicenseFiles
-from license_server.listener import ConnectionGuard, GuardedSite
-from license_server.protocol import (
+from license_server.licensing.license_files import LicenseFiles
+from license_server.licensing.protocol import (
     Call,
     RequestError,
     TokenFingerprints,
@@ -35,7 +34,7 @@ from license_server.protocol import (
     parse_answer,
     parse_fields,
 )
-from license_server.signatures import (
+from license_server.licensing.signatures import (
     AnswerFormatError,
     KeyRing,
     SignedLicense,
@@ -44,6 +43,7 @@ from license_server.signatures import (
     verify_metadata,
     verify_signed,
 )
+from license_server.web.listener import ConnectionGuard, GuardedSite
 from tests.conftest import LICENSE, PRODUCT, Daemon, Upstream
 from tests.fake_upstream import FakeCryptolens
 from tests.test_hostile import FORM, exchange, serve_guarded

@@ -14,7 +14,7 @@ from typing import ClassVar
 import pytest
 from aiohttp import http_parser
 
-from license_server.listener import ConnectionGuard, GuardedSite
+from license_server.web.listener import ConnectionGuard, GuardedSite
 from tests.admin_support import Admin
 from tests.conftest import Daemon, Upstream, send_form
 from tests.test_proxy import activate_form

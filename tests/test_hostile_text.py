@@ -16,10 +16,11 @@ import matplotlib
 import pytest
 from structlog.testing import capture_logs
 
-from license_server import charts, reports
 from license_server.audit.search import Query, search, write_csv, write_json, write_table
 from license_server.cli import main
-from license_server.reports import MachineQuery, SeatQuery
+from license_server.reports import charts
+from license_server.reports import seats as reports
+from license_server.reports.seats import MachineQuery, SeatQuery
 from tests.admin_support import Admin
 from tests.audit_builder import TrailBuilder
 from tests.conftest import PRODUCT, Upstream, Workstation

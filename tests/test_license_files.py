@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from licensing.models import LicenseKey
 
-from license_server.license_files import MAX_FILE_BYTES, FileProblem, LicenseFile, LicenseFiles
-from license_server.signatures import KeyRing, PublicKey, load_public_key
+from license_server.licensing.license_files import MAX_FILE_BYTES, FileProblem, LicenseFile, LicenseFiles
+from license_server.licensing.signatures import KeyRing, PublicKey, load_public_key
 
 DATA = Path(__file__).parent / "data"
 VECTOR_SKM = DATA / "cryptolens-example-2019.skm"

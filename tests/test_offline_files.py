@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from licensing.methods import Helpers
 
-from license_server.app import SERVICES
+from license_server.web.app import SERVICES
 from tests.conftest import LICENSE, PRODUCT, Daemon, Upstream, Workstation
 from tests.fake_upstream import Activation
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import yaml
 
-from license_server.metrics import Metrics
+from license_server.web.metrics import Metrics
 from tests.conftest import LICENSE, TOKEN, Daemon, Upstream, send_form
 from tests.test_egress import make_tls
 from tests.test_process import DaemonProcess

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from license_server.protocol import (
+from license_server.licensing.protocol import (
     FIELD_LIMITS,
     MAX_FIELDS,
     Call,

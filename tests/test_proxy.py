@@ -16,8 +16,8 @@ import pytest
 from licensing.methods import Helpers
 from multidict import CIMultiDict
 
-from license_server.app import SERVICES
 from license_server.audit import chain
+from license_server.web.app import SERVICES
 from tests.conftest import (
     LICENSE,
     OTHER_LICENSE,

@@ -20,10 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench import ledger as bench_ledger
-from license_server import charts, reports
 from license_server.cli import main
-from license_server.reports import Buckets, MachineQuery, SeatQuery, SeatReport
-from license_server.seats import SCHEMA
+from license_server.reports import charts
+from license_server.reports import seats as reports
+from license_server.reports.seats import Buckets, MachineQuery, SeatQuery, SeatReport
+from license_server.storage.seats import SCHEMA
 
 PRODUCT = "3349"
 KEY = "MUYVD-LSEBY-CXHRQ-XFAGY"
@@ -837,7 +838,10 @@ def test_chart_without_matplotlib_says_what_to_install(
 
 
 def test_the_daemon_and_the_reports_do_not_import_matplotlib() -> None:
-    check = "import sys, license_server.cli, license_server.charts; assert 'matplotlib' not in sys.modules"
+    check = (
+        "import sys, license_server.cli, license_server.reports.charts;"
+        " assert 'matplotlib' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", check], check=True)
 
 

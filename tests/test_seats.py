@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from license_server.cli import main
-from license_server.seats import LIMIT_REACHED, SeatLedger
+from license_server.storage.seats import LIMIT_REACHED, SeatLedger
 from tests.admin_support import Admin
 from tests.conftest import LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
 from tests.test_proxy import activate_form

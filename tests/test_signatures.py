@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from licensing.internal import HelperMethods
 from licensing.models import RSAPublicKey
 
-from license_server.signatures import (
+from license_server.licensing.signatures import (
     AnswerFormatError,
     KeyFormatError,
     KeyRing,

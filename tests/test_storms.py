@@ -20,9 +20,9 @@ from licensing.methods import Helpers
 from licensing.models import LicenseKey, Response, RSAPublicKey
 
 from bench.dataset import MACHINES_PER_LICENSE, activate_form, license_key, machine_code, product_of
-from license_server.app import SERVICES
 from license_server.config import BreakerConfig, RetryConfig
-from license_server.upstream import Upstream as Egress
+from license_server.licensing.upstream import Upstream as Egress
+from license_server.web.app import SERVICES
 from tests.conftest import LICENSE, PRODUCT, TOKEN, Daemon, Upstream, Workstation, send_form
 from tests.fake_upstream import Activation, FakeCryptolens
 from tests.test_process import DaemonProcess, _recorded_ids

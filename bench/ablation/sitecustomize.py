@@ -23,11 +23,11 @@ if "log" in _OFF:
 
     logs.Logging._json_call_line = lambda _self, _fields: None  # type: ignore[method-assign]
 if "seats" in _OFF:
-    from license_server import seats
+    from license_server.storage import seats
 
     seats.SeatLedger.seen = lambda _self, *_args, **_kwargs: None  # type: ignore[method-assign]
 if "metrics" in _OFF:
-    from license_server import metrics
+    from license_server.web import metrics
 
     metrics.Metrics.count_call = lambda _self, *_args: None  # type: ignore[method-assign]
 if "gc" in _OFF:

@@ -22,11 +22,16 @@ from license_server.admin.credentials import Secret
 from license_server.admin.ledger import kept_activations, machine_facts
 from license_server.audit.chain import ADMIN
 from license_server.audit.writer import AuditUnavailableError
-from license_server.keys import Services
-from license_server.license_files import answer_body
-from license_server.protocol import Call, parse_fields
-from license_server.proxy import Action, Outcome
-from license_server.signatures import AnswerFormatError, SignedLicense, parse_signed_answer, verify_signed
+from license_server.licensing.license_files import answer_body
+from license_server.licensing.policy import Action, Outcome
+from license_server.licensing.protocol import Call, parse_fields
+from license_server.licensing.signatures import (
+    AnswerFormatError,
+    SignedLicense,
+    parse_signed_answer,
+    verify_signed,
+)
+from license_server.web.keys import Services
 
 log = structlog.get_logger(__name__)
 

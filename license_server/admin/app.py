@@ -32,9 +32,9 @@ from license_server.admin.sessions import Sessions
 from license_server.admin.throttle import RecordBudget, Throttle
 from license_server.admin.trail import Verifier
 from license_server.config import AdminConfig
-from license_server.handlers import status_document
-from license_server.keys import Services
-from license_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from license_server.web.handlers import status_document
+from license_server.web.keys import Services
+from license_server.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = structlog.get_logger(__name__)
 

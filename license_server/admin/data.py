@@ -13,8 +13,8 @@ from license_server.admin.keys import CONSOLE, NOW, SETTINGS, VERIFIER
 from license_server.admin.ledger import Slice, find_machines, licenses
 from license_server.admin.trail import MAX_PAGE, PER_PAGE, Page, query_from, read_page
 from license_server.audit.chain import utc_now_text
-from license_server.handlers import status_document
-from license_server.keys import Services
+from license_server.web.handlers import status_document
+from license_server.web.keys import Services
 
 DAY = 86400
 PERIODS = (7, 30, 90, 365)  # days the licenses page offers

@@ -9,8 +9,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from license_server import charts
-from license_server.reports import (
+from license_server.reports import charts
+from license_server.reports.seats import (
     MachineQuery,
     SeatQuery,
     SeatReport,

@@ -17,7 +17,7 @@ from license_server.admin.html import Markup, Templates, esc, hidden, join, tag
 from license_server.admin.keys import ASSETS, CHART_LOCK, CONSOLE, NOW, PRINCIPAL, SETTINGS, VERIFIER
 from license_server.admin.ledger import seat_chart
 from license_server.admin.render import error, page
-from license_server.charts import INSTALL_HINT, ChartsUnavailableError
+from license_server.reports.charts import INSTALL_HINT, ChartsUnavailableError
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from license_server.state import open_private
+from license_server.storage.state import open_private
 
 GENESIS = "0" * 64  # the `prev` of the very first record
 HEAD_FILE = "head.json"

@@ -22,7 +22,7 @@ import structlog
 
 from license_server.audit import chain
 from license_server.config import AuditConfig
-from license_server.state import open_private, private_folder
+from license_server.storage.state import open_private, private_folder
 from license_server.utctext import UtcText
 
 log = structlog.get_logger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from license_server.signatures import (
+from license_server.licensing.signatures import (
     AnswerFormatError,
     KeyRing,
     SignedLicense,

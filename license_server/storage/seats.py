@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
-from license_server.sqlite import SqliteWorker
+from license_server.storage.sqlite import SqliteWorker
 
 log = structlog.get_logger(__name__)
 

@@ -15,11 +15,11 @@ import structlog
 from aiohttp import web
 
 from license_server.admin.app import AdminServer, start_admin
-from license_server.app import GUARD, SERVICES, create_app, reload
 from license_server.config import AdminConfig, Config, ConfigError, describe
-from license_server.listener import ConnectionGuard, GuardedSite, tls_context
+from license_server.licensing.signatures import KeyFormatError
 from license_server.logs import CallLine, structlog_call_line
-from license_server.signatures import KeyFormatError
+from license_server.web.app import GUARD, SERVICES, create_app, reload
+from license_server.web.listener import ConnectionGuard, GuardedSite, tls_context
 
 log = structlog.get_logger(__name__)
 

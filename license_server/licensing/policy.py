@@ -11,13 +11,11 @@ from enum import Enum
 
 import structlog
 
-from license_server.cache import AnswerCache
 from license_server.config import KeepConfig
-from license_server.license_files import LicenseFiles
-from license_server.metrics import Metrics
-from license_server.protocol import Call, Kind, TokenFingerprints, error_body, flag
-from license_server.seats import LIMIT_REACHED, SeatLedger
-from license_server.signatures import (
+from license_server.licensing.cache import AnswerCache
+from license_server.licensing.license_files import LicenseFiles
+from license_server.licensing.protocol import Call, Kind, TokenFingerprints, error_body, flag
+from license_server.licensing.signatures import (
     AnswerFormatError,
     KeyRing,
     SignedLicense,
@@ -25,8 +23,10 @@ from license_server.signatures import (
     verify_metadata,
     verify_signed,
 )
-from license_server.store import Kept
-from license_server.upstream import Upstream, UpstreamAnswer, UpstreamFailure
+from license_server.licensing.upstream import Upstream, UpstreamAnswer, UpstreamFailure
+from license_server.storage.answers import Kept
+from license_server.storage.seats import LIMIT_REACHED, SeatLedger
+from license_server.web.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import structlog
 
-from license_server.state import create_private, private_folder
+from license_server.storage.state import create_private, private_folder
 
 log = structlog.get_logger(__name__)
 

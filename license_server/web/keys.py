@@ -13,13 +13,13 @@ from aiohttp import web
 
 from license_server.audit.writer import AuditLog
 from license_server.config import Config
-from license_server.listener import ConnectionGuard
+from license_server.licensing.policy import Licensing
+from license_server.licensing.upstream import Upstream
 from license_server.logs import CallLine
-from license_server.metrics import Metrics
-from license_server.proxy import Licensing
-from license_server.seats import LeaseClock
-from license_server.store import Store
-from license_server.upstream import Upstream
+from license_server.storage.answers import Store
+from license_server.storage.seats import LeaseClock
+from license_server.web.listener import ConnectionGuard
+from license_server.web.metrics import Metrics
 
 
 class RequestIds:

@@ -11,8 +11,8 @@ from typing import Any
 import structlog
 from cachetools import LRUCache
 
-from license_server.signatures import AnswerFormatError, KeyRing, parse_signed_answer, verify_signed
-from license_server.store import Kept, Store
+from license_server.licensing.signatures import AnswerFormatError, KeyRing, parse_signed_answer, verify_signed
+from license_server.storage.answers import Kept, Store
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from license_server.protocol import error_response
+from license_server.licensing.protocol import error_response
 
 log = structlog.get_logger(__name__)
 

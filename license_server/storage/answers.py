@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import structlog
 
-from license_server.sqlite import SqliteWorker
+from license_server.storage.sqlite import SqliteWorker
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 
 from license_server import __version__
 from license_server.audit.writer import AuditState
-from license_server.upstream import BreakerState
+from license_server.licensing.upstream import BreakerState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BREAKER = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}

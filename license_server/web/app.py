@@ -14,19 +14,19 @@ from aiohttp import web
 
 from license_server import __version__
 from license_server.audit.writer import AuditLog
-from license_server.cache import AnswerCache
 from license_server.config import MAX_BODY_BYTES, Config
-from license_server.handlers import handle
-from license_server.keys import CALL_LINE, CLOCK, CONFIG, GUARD, LEASE_CLOCK, SERVICES, Services
-from license_server.license_files import LicenseFiles
+from license_server.licensing.cache import AnswerCache
+from license_server.licensing.license_files import LicenseFiles
+from license_server.licensing.policy import Licensing
+from license_server.licensing.signatures import load_keyring
+from license_server.licensing.upstream import Breaker, Upstream, make_session
 from license_server.logs import CallLine, structlog_call_line
-from license_server.metrics import Metrics, Snapshot
-from license_server.proxy import Licensing
-from license_server.seats import BootClock, LeaseClock, SeatLedger
-from license_server.signatures import load_keyring
-from license_server.state import StateLock, load_fingerprint_key, warn_if_open
-from license_server.store import Store
-from license_server.upstream import Breaker, Upstream, make_session
+from license_server.storage.answers import Store
+from license_server.storage.seats import BootClock, LeaseClock, SeatLedger
+from license_server.storage.state import StateLock, load_fingerprint_key, warn_if_open
+from license_server.web.handlers import handle
+from license_server.web.keys import CALL_LINE, CLOCK, CONFIG, GUARD, LEASE_CLOCK, SERVICES, Services
+from license_server.web.metrics import Metrics, Snapshot
 
 log = structlog.get_logger(__name__)
 

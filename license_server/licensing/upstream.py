@@ -19,7 +19,7 @@ from yarl import URL
 
 from license_server import __version__
 from license_server.config import BreakerConfig, RetryConfig, UpstreamConfig
-from license_server.protocol import Answer, parse_answer
+from license_server.licensing.protocol import Answer, parse_answer
 
 log = structlog.get_logger(__name__)
 

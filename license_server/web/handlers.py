@@ -14,10 +14,10 @@ from license_server import __version__
 from license_server.audit.chain import CALL, utc_now_text
 from license_server.audit.writer import AuditUnavailableError
 from license_server.config import IPNetwork
-from license_server.keys import CALL_LINE, CONFIG, GUARD, SERVICES, Services
-from license_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from license_server.protocol import Call, RequestError, normalise_path, parse_fields
-from license_server.proxy import Outcome
+from license_server.licensing.policy import Outcome
+from license_server.licensing.protocol import Call, RequestError, normalise_path, parse_fields
+from license_server.web.keys import CALL_LINE, CONFIG, GUARD, SERVICES, Services
+from license_server.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""What admins read: seat and machine reports, charts, and the table, CSV and JSON writers."""

@@ -1,0 +1,1 @@
+"""Every durable store and nothing else: the SQLite worker, kept answers, seat ledger, state folder."""
