@@ -1,1 +1,1 @@
-"""The benchmark: `python bench/run.py` from the repository root (see README, Benchmark)."""
+"""The benchmark: `python bench/run.py` from the repository root (see docs/benchmark.md)."""

@@ -13,12 +13,11 @@ from urllib.parse import urlencode
 
 from license_server.licensing.protocol import Call, TokenFingerprints, parse_fields
 from license_server.storage.answers import Kept, Store
-from license_server.storage.state import load_fingerprint_key
+from license_server.storage.state import ANSWERS_FILE, load_fingerprint_key
 from tests.fake_upstream import Activation, FakeCryptolens
 
 METHOD = "key/activate"
 PATH = "/api/key/activate"  # the Python SDK's server_address ".../api/" plus the method
-ANSWERS_FILE = "answers.sqlite3"  # the daemon's kept answers in state_dir
 # (product id, access token): a vendor ships one token per product in its application.
 PRODUCTS = (
     ("3349", "WyI0NjU4NzQyIiwiWkJqdG5ISk9MOG5aUXlFNndzWXFXR05uNVlPWXBKK1gzZG45VnB0YiJd"),

@@ -25,10 +25,11 @@ from pathlib import Path
 
 from bench.dataset import license_key, machine_code
 from license_server.storage.seats import LIMIT_REACHED, SCHEMA
+from license_server.storage.state import SEATS_FILE
 
 HOUR = 3600
 DAY = 86400
-LEDGER_FILE = "seats.sqlite3"
+LEDGER_FILE = SEATS_FILE  # the daemon's seat ledger in state_dir
 _PRODUCT = "3349"
 _BOOT_ID = "bench-ledger"
 

@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import re
-import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,9 +21,10 @@ from license_server.audit import verify as audit_verify
 from license_server.config import Config, ConfigError, describe, load_config
 from license_server.licensing.license_files import LicenseFiles
 from license_server.licensing.signatures import KeyFormatError, load_keyring
-from license_server.reports import charts
+from license_server.reports import charts, machines, tables
 from license_server.reports import seats as reports
-from license_server.storage.state import StateInUseError
+from license_server.storage.seats import LedgerMissingError, LedgerUnreadableError, SqliteSeatReader
+from license_server.storage.state import StateFolder, StateInUseError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -301,7 +301,7 @@ def _search(args: argparse.Namespace, config: Config) -> int:
         records = itertools.islice(records, args.limit)
     write = {
         "table": audit_search.write_table,
-        "json": audit_search.write_json,
+        "json": tables.write_json,
         "csv": audit_search.write_csv,
     }
     try:
@@ -347,28 +347,32 @@ def _report(args: argparse.Namespace, config: Config) -> int:
         if args.report_command == "seats" and args.chart is not None:
             charts.chart_format(args.chart)
             charts.require()
-        db = reports.open_ledger(reports.ledger_path(config.state_dir))
-    except (ValueError, reports.LedgerMissingError) as exc:
+        # One snapshot of the ledger, read whole before anything is written (a pager may hold the output).
+        with SqliteSeatReader(StateFolder(config.state_dir).seats).snapshot() as ledger:
+            if isinstance(request, reports.SeatQuery):
+                max_steps = charts.MAX_STEP_POINTS if args.chart is not None else 0
+                found: reports.SeatReport | list[dict[str, object]] = reports.seat_report(
+                    ledger, request, max_steps=max_steps
+                )
+            else:
+                found = machines.machines(ledger, request)
+    except (ValueError, LedgerMissingError) as exc:
         print(f"license-server: {exc}", file=sys.stderr)
         return 2
     except charts.ChartsUnavailableError as exc:
         print(f"license-server: --chart needs matplotlib: {exc}", file=sys.stderr)
         return 2
-    try:
-        if isinstance(request, reports.SeatQuery):
-            return _report_seats(db, request, args.format, args.chart)
-        return _print(lambda: reports.write_machines(reports.machines(db, request), sys.stdout, args.format))
-    except sqlite3.Error as exc:
+    except LedgerUnreadableError as exc:
         print(f"license-server: cannot read the seat ledger: {exc}", file=sys.stderr)
         return 2
-    finally:
-        db.close()
+    if isinstance(found, reports.SeatReport):
+        return _report_seats(found, args.format, args.chart)
+    rows = found
+    return _print(lambda: machines.write_machines(rows, sys.stdout, args.format))
 
 
-def _report_seats(db: sqlite3.Connection, query: reports.SeatQuery, form: str, chart: Path | None) -> int:
+def _report_seats(report: reports.SeatReport, form: str, chart: Path | None) -> int:
     """Print the seat report and draw its chart."""
-    max_steps = charts.MAX_STEP_POINTS if chart is not None else 0
-    report = reports.seat_report(db, query, max_steps=max_steps)
     status = _print(lambda: reports.write_seats(report, sys.stdout, form))
     if not report.licenses and form != "table":
         print(f"license-server: {reports.EMPTY_SEATS}", file=sys.stderr)
@@ -396,11 +400,11 @@ def _seat_query(args: argparse.Namespace) -> reports.SeatQuery:
     )
 
 
-def _machine_query(args: argparse.Namespace) -> reports.MachineQuery:
+def _machine_query(args: argparse.Namespace) -> machines.MachineQuery:
     """The machine listing the options describe; ValueError for a negative --idle-days."""
     if args.idle_days is not None and args.idle_days < 0:
         raise ValueError(f"--idle-days: must not be negative, got {args.idle_days}")
-    return reports.MachineQuery(
+    return machines.MachineQuery(
         now=datetime.now(UTC).timestamp(),
         idle_days=args.idle_days,
         name=args.name,

@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -42,8 +42,9 @@ DEFAULT_ALLOWED_METHODS: tuple[str, ...] = (
 
 _RULE = "license_server.config.rule"
 _YAML_NULLS = frozenset({"", "~", "null", "Null", "NULL"})
-_DURATION = re.compile(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*(ms|s|m|h|d)", re.ASCII)
-_DURATION_UNITS: tuple[tuple[str, int], ...] = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+_DURATION = re.compile(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*(ms|s|m|h|d|w)", re.ASCII)
+_DURATION_UNITS: tuple[tuple[str, int], ...] = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))  # as written
+_UNIT_SECONDS = {"w": 7 * 86400, **dict(_DURATION_UNITS)}  # as read: weeks too
 _SIZE = re.compile(r"(\d+)\s*(?:([kmg])(i)?)?b?", re.ASCII | re.IGNORECASE)
 _METHOD = re.compile(r"[a-z0-9]+/[a-z0-9]+", re.ASCII)
 
@@ -102,7 +103,10 @@ def _shown(value: object) -> str:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a YAML number or a text like "250ms", "5s", "10m", "2h" or "7d"; ValueError otherwise."""
+    """Seconds from a YAML number or a text like "250ms", "5s", "10m", "2h", "7d", "2w"; ValueError otherwise.
+
+    The one duration grammar: settings use it, and so do the command line's times ago (`--since 7d`).
+    """
     expected = f"expected a duration like 5s or 250ms, got {_shown(value)}"
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise _BadValueError(expected)
@@ -111,7 +115,7 @@ def parse_duration(value: object) -> float:
         if match is None:
             raise _BadValueError(expected)
         number, unit = match.group(1, 2)
-        seconds = float(number) / 1000 if unit == "ms" else float(number) * dict(_DURATION_UNITS)[unit]
+        seconds = float(number) / 1000 if unit == "ms" else float(number) * _UNIT_SECONDS[unit]
     elif isinstance(value, int) and abs(value) > MAX_DURATION:
         seconds = math.inf if value > 0 else -math.inf
     else:
@@ -124,7 +128,7 @@ def parse_duration(value: object) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest text that parse_duration reads back as exactly `seconds`, e.g. 7200 -> "2h"."""
+    """The text in the largest unit up to days that parse_duration reads back as `seconds`: 7200 -> "2h"."""
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"cannot format {seconds!r} as a duration")
     if seconds == 0:
@@ -237,8 +241,8 @@ def _host(value: object, origin: _Origin) -> str:
     return host
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether a URL's host is this machine: localhost, 127.0.0.0/8 or ::1."""
+def is_loopback(host: str) -> bool:
+    """Whether a host is this machine only: localhost, 127.0.0.0/8 or ::1."""
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
@@ -273,7 +277,7 @@ def _upstream_url(value: object, origin: _Origin) -> str:
         raise _BadValueError(f"must not contain a user name or password, got {_shown(value)}")
     if "?" in url or "#" in url:
         raise _BadValueError(f"must not contain a query (?...) or a fragment (#...), got {_shown(value)}")
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback(host):
         raise _BadValueError(
             f"must use https:// (http:// only for a loopback host like 127.0.0.1), got {_shown(value)}"
         )
@@ -604,6 +608,51 @@ class Config:
     def audit_dir(self) -> Path:
         """The folder of the audit trail: audit.path, else <state_dir>/audit."""
         return self.audit.path if self.audit.path is not None else self.state_dir / "audit"
+
+
+# Settings a running daemon keeps until it restarts, as key paths: a reload leaves each as it is in force and
+# names those that changed in its `reloaded` log line. Of the TLS pair only switching TLS on or off needs a
+# restart; a renewed certificate is loaded by a reload.
+RESTART_ONLY: tuple[str, ...] = (
+    "listen.host",
+    "listen.port",
+    "listen.tls_cert",
+    "listen.tls_key",
+    "listen.keepalive_timeout",
+    "state_dir",
+    "audit",
+    "admin",
+    "keep.memory_entries",
+    "log.format",
+    "shutdown_timeout",
+)
+_ON_OR_OFF = frozenset({"listen.tls_cert", "listen.tls_key"})
+
+
+def hold_restart_only(in_force: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with every RESTART_ONLY setting as it is in force, and the names of those `new` would change."""
+    held = new
+    changed: list[str] = []
+    for name in RESTART_ONLY:
+        path = tuple(name.split("."))
+        before, after = _value_at(in_force, path), _value_at(new, path)
+        if ((before is None) != (after is None)) if name in _ON_OR_OFF else before != after:
+            changed.append(name)
+            held = _replaced_at(held, path, before)
+    return held, changed
+
+
+def _value_at(settings: object, path: KeyPath) -> object:
+    """The value at a key path of a settings dataclass."""
+    for key in path:
+        settings = getattr(settings, key)
+    return settings
+
+
+def _replaced_at(settings: Any, path: KeyPath, value: object) -> Any:
+    """A copy of a settings dataclass with the value at a key path replaced."""
+    head, rest = path[0], path[1:]
+    return replace(settings, **{head: _replaced_at(getattr(settings, head), rest, value) if rest else value})
 
 
 # --- loading --------------------------------------------------------------------------------------

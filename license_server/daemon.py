@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import socket
-import ssl
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import structlog
 from aiohttp import web
 
 from license_server.admin.app import AdminServer, start_admin
-from license_server.config import AdminConfig, Config, ConfigError, describe
+from license_server.background import Background
+from license_server.config import Config, ConfigError, describe
 from license_server.licensing.signatures import KeyFormatError
 from license_server.logs import CallLine, structlog_call_line
-from license_server.web.app import GUARD, SERVICES, create_app, reload
-from license_server.web.listener import ConnectionGuard, GuardedSite, tls_context
+from license_server.web.app import GUARD, SERVICES, Reloaded, create_app, prepare_reload
+from license_server.web.listener import ConnectionGuard, GuardedSite, ServerTls, tls_context
 
 log = structlog.get_logger(__name__)
 
@@ -96,21 +96,16 @@ async def serve(
     app[GUARD] = guard
     tls = None
     if config.listen.tls_cert is not None and config.listen.tls_key is not None:
-        tls = await asyncio.to_thread(tls_context, config.listen.tls_cert, config.listen.tls_key)
+        tls = ServerTls(await asyncio.to_thread(tls_context, config.listen.tls_cert, config.listen.tls_key))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    background = Background()
 
     def on_hup() -> None:
         if load is not None:
-            spawn(_reload(app, load, tls, config.admin))
+            background.spawn(_reload(app, load, tls))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     admin: AdminServer | None = None
@@ -120,7 +115,7 @@ async def serve(
             config.listen.host,
             config.listen.port,
             guard,
-            ssl_context=tls,
+            ssl_context=None if tls is None else tls.context,
         )
         await site.start()
         scheme = "https" if tls else "http"
@@ -129,14 +124,12 @@ async def serve(
         admin = await start_admin(app[SERVICES], config.admin, shutdown_timeout=config.shutdown_timeout)
         _tune_gc()
         notify(f"READY=1\nSTATUS={status_line(app)}")
-        spawn(_heartbeat(app))
+        background.spawn(_heartbeat(app))
         await stop.wait()
         log.info("stopping", detail="no new connections; finishing calls in flight")
         notify("STOPPING=1")
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await background.stop()
         if admin is not None:  # first: admin actions use the services the workstation side closes
             await admin.stop()
         await runner.cleanup()
@@ -157,29 +150,31 @@ def _tune_gc() -> None:
     gc.set_threshold(_GC_FIRST_GENERATION, 20, 20)
 
 
-async def _reload(
-    app: web.Application, load: Callable[[], Config], tls: ssl.SSLContext | None, admin: AdminConfig
-) -> None:
-    """SIGHUP: read the configuration again and apply it; a bad one is refused and the old one stays.
+async def _reload(app: web.Application, load: Callable[[], Config], tls: ServerTls | None) -> None:
+    """SIGHUP: read the configuration again, build what it changes, then put all of it in force at once.
 
-    `admin` is the console's configuration it was started with: changing it needs a restart.
+    A configuration that does not load (the file, a vendor key, the certificate) is refused, and the one in
+    force stays as it was.
     """
     notify("RELOADING=1")
     try:
         try:
-            config = await asyncio.to_thread(load)
-            restart_needed = await reload(app, config)
-            if config.admin != admin:
-                restart_needed.append("admin")
+            reloaded = await prepare_reload(app[SERVICES], await asyncio.to_thread(load))
         except (ConfigError, KeyFormatError, OSError) as exc:
             log.error("reload_refused", error=str(exc), detail="the configuration in force is unchanged")  # noqa: TRY400
             return
-        listen = config.listen
-        guard = app[GUARD]
-        guard.max_connections, guard.header_timeout = listen.max_connections, listen.header_timeout
-        if tls is not None and listen.tls_cert is not None and listen.tls_key is not None:
-            # New connections get the renewed certificate; open ones keep theirs.
-            await asyncio.to_thread(tls.load_cert_chain, listen.tls_cert, listen.tls_key)
-        log.info("reloaded", restart_needed_for=restart_needed or None)
+        _put_in_force(app, reloaded, tls)
+        log.info("reloaded", restart_needed_for=reloaded.restart_needed or None)
     finally:
         notify(f"READY=1\nSTATUS={status_line(app)}")
+
+
+def _put_in_force(app: web.Application, reloaded: Reloaded, tls: ServerTls | None) -> None:
+    """The one place a reload changes the running daemon: its services, connection limits, TLS, log level."""
+    app[SERVICES].swap(reloaded.config, reloaded.rules)
+    listen = reloaded.config.listen
+    guard = app[GUARD]
+    guard.max_connections, guard.header_timeout = listen.max_connections, listen.header_timeout
+    if tls is not None and reloaded.tls is not None:
+        tls.use(reloaded.tls)
+    logging.getLogger().setLevel(reloaded.config.log.level.upper())

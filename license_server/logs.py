@@ -83,10 +83,6 @@ class Logging:
         lines, self._lines = self._lines, []
         self._records.put(b"".join(lines))
 
-    def set_level(self, level: str) -> None:
-        """Change the level while running (a reload)."""
-        logging.getLogger().setLevel(_LEVELS.get(level, logging.INFO))
-
     def close(self) -> None:
         """Write out every queued record and stop the listener thread."""
         if self._lines:

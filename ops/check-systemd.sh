@@ -127,10 +127,10 @@ ROOT=$WORK/root
 mkdir "$ROOT"
 tar --numeric-owner --xattrs --acls -C "$ROOT" -xf "$rootfs_tar"
 
-# What an admin copies to the server: the install script, the unit, the wheel, the README and example.
+# What an admin copies to the server: the install script, the unit, the wheel, the README, docs and example.
 install -d "$ROOT/root/install/systemd"
 cp systemd/install.sh "systemd/$UNIT" "$ROOT/root/install/systemd/"
-cp README.md config.example.yaml "$wheel" "$ROOT/root/install/"
+cp -r README.md docs config.example.yaml "$wheel" "$ROOT/root/install/"
 port=$(free_port)
 install -d -m 0755 "$ROOT/etc/license-server" "$ROOT/etc/license-server/licenses"
 install -m 0644 "$WORK/vendor-public-key.xml" "$ROOT/etc/license-server/vendor-public-key.xml"

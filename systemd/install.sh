@@ -48,7 +48,7 @@ fi
 "$PREFIX/bin/license-server" --version >/dev/null
 ln -sfn "$PREFIX/bin/license-server" /usr/local/bin/license-server
 
-# The README, for the unit's Documentation= and for admins without the checkout.
+# The README and the docs/ it links to, for the unit's Documentation= and for admins without the checkout.
 readme=
 if [[ -d $target && -f $target/README.md ]]; then
     readme=$target/README.md
@@ -56,6 +56,10 @@ elif [[ -f $here/../README.md ]]; then
     readme=$here/../README.md
 fi
 [[ -z $readme ]] || install -m 0644 "$readme" "$PREFIX/README.md"
+if [[ -n $readme && -d $(dirname "$readme")/docs ]]; then
+    install -d -m 0755 "$PREFIX/docs"
+    install -m 0644 "$(dirname "$readme")"/docs/*.md "$PREFIX/docs/"
+fi
 
 install -d -m 0755 "$CONFIG_DIR"
 if [[ ! -e $CONFIG_DIR/config.yaml ]]; then

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -71,9 +70,8 @@ class Admin:
             return r.status, parsed, r.headers
 
     async def settle(self) -> None:
-        """Let the seat ledger write what it sums in memory (about once a second), and land it."""
-        await asyncio.sleep(1.2)
-        await self.services.licensing.seats.db.flush()
+        """Land the seat ledger's writes, the calls it sums in memory included, as the console does."""
+        await self.services.licensing.seats.flush()
 
 
 def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:

@@ -30,7 +30,7 @@ from license_server.audit import search
 from license_server.config import AdminConfig, AdminListenConfig, ConfigError, load_config
 from license_server.web.keys import SERVICES
 from tests.admin_support import ADMIN_TOKEN, Admin, csrf_of, write_secret
-from tests.conftest import Clock, Daemon
+from tests.conftest import Clock, Daemon, Upstream
 
 _SAMPLE = {"product_id": "3349", "key": "K", "machine_code": "m"}
 SYSTEMD_TOKEN = "from-systemd-4c8e1a7f3b9d2e6a0c5f8b1d7e3a9c4f"
@@ -75,7 +75,9 @@ class TestEveryRoute:
             {"Cookie": f"{COOKIE}=x.y"},
         ],
     )
-    async def test_every_other_route_answers_401(self, admin: Admin, headers: dict[str, str]) -> None:
+    async def test_every_other_route_answers_401(
+        self, admin: Admin, upstream: Upstream, headers: dict[str, str]
+    ) -> None:
         """Each route but the public ones answers 401 without a valid credential, whatever is sent.
 
         A wrong bearer token is a guess: after FREE_FAILURES of them the address gets 429 instead.
@@ -91,7 +93,7 @@ class TestEveryRoute:
                     assert r.status == expected, (name, method, path, r.status)
                     body = await r.text()
                     assert "Log in" in body or "Bearer" in body or "Too many wrong admin tokens" in body
-        assert upstream_untouched(admin)
+        assert upstream_untouched(admin, upstream)
 
     async def test_api_401_has_a_bearer_challenge(self, admin: Admin) -> None:
         """An API client learns how to authenticate; a browser gets the login form."""
@@ -126,10 +128,9 @@ class TestEveryRoute:
                 assert "license_server_build_info" in await r.text()
 
 
-def upstream_untouched(admin: Admin) -> bool:
-    """Whether the console never sent anything upstream."""
-    upstream = admin.services.upstream
-    return upstream is not None and upstream.calls_sent == 0
+def upstream_untouched(admin: Admin, upstream: Upstream) -> bool:
+    """Whether the console never sent anything upstream (the fake upstream counts what reaches it)."""
+    return admin.services.upstream is not None and not upstream.fake.calls
 
 
 class TestLogin:
@@ -217,7 +218,9 @@ class TestLogin:
 class TestCsrf:
     """A change made with a session cookie must come from a console page."""
 
-    async def test_post_without_or_with_a_wrong_csrf_token_is_refused(self, admin: Admin) -> None:
+    async def test_post_without_or_with_a_wrong_csrf_token_is_refused(
+        self, admin: Admin, upstream: Upstream
+    ) -> None:
         """Deactivate, activate and logout refuse a form without the session's CSRF token."""
         async with admin.browser() as session:
             csrf = await admin.login(session)
@@ -229,7 +232,7 @@ class TestCsrf:
                         assert "CSRF" in await r.text()
             async with session.post("/api/v1/machines/deactivate", json=_SAMPLE) as r:
                 assert r.status == 403
-        assert upstream_untouched(admin)
+        assert upstream_untouched(admin, upstream)
 
     async def test_the_pages_token_works(self, admin: Admin) -> None:
         """The token in the page's form lets the change through (here: to upstream's refusal)."""

@@ -14,6 +14,7 @@ from licensing.models import LicenseKey
 from structlog.testing import capture_logs
 
 from license_server.audit import search
+from license_server.licensing.policy import Rules
 from license_server.licensing.signatures import KeyRing
 from tests.admin_support import Admin
 from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation
@@ -241,12 +242,12 @@ class TestDeactivate:
             [1, 2],
         ],
     )
-    async def test_bad_input_is_a_400(self, admin: Admin, body: object) -> None:
+    async def test_bad_input_is_a_400(self, admin: Admin, upstream: Upstream, body: object) -> None:
         """Input is checked before anything goes upstream."""
         status, answer, _ = await admin.api("POST", "/api/v1/machines/deactivate", json=body)
         assert status == 400, answer
         assert admin.services.upstream is not None
-        assert admin.services.upstream.calls_sent == 0
+        assert upstream.fake.calls == []
 
 
 class TestLicenseFiles:
@@ -299,7 +300,8 @@ class TestLicenseFiles:
 
     async def test_no_vendor_key_no_file(self, admin: Admin) -> None:
         """Without a vendor key the daemon cannot check a file, so it hands none out."""
-        admin.services.licensing.keyring = KeyRing([])
+        licensing = admin.services.licensing
+        licensing.rules = Rules(licensing.upstream, KeyRing([]), licensing.files, licensing.keep)
         status, body, _ = await admin.api("POST", "/api/v1/activations", json=target("lab-9"))
         assert status == 503
         assert "public_key" in body["message"]

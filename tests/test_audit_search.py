@@ -17,16 +17,15 @@ import pytest
 
 from license_server.audit import chain
 from license_server.audit.search import (
-    CALL_FIELDS,
     Query,
     SearchStats,
     parse_time,
     search,
     write_csv,
-    write_json,
     write_table,
 )
 from license_server.cli import main
+from license_server.reports.tables import write_json
 from tests.audit_builder import TrailBuilder
 
 KEY_A = "AAAAA-BBBBB-CCCCC-DDDDD"
@@ -389,7 +388,7 @@ def test_csv_has_every_call_field(tmp_path: Path) -> None:
     out = io.StringIO()
     assert write_csv(records, out) == 4
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
-    assert list(rows[0]) == ["seq", "time", "type", *CALL_FIELDS, "actor", "details"]
+    assert list(rows[0]) == ["seq", "time", "type", *chain.CALL_FIELDS, "actor", "details"]
     assert rows[0]["key"] == KEY_A
     assert rows[0]["failure"] == ""
     assert rows[2]["result"] == "1"

@@ -362,14 +362,16 @@ class TestDiskFull:
 
 
 class TestFailureDocumented:
-    """The README sends admins where a failing trail shows, as TestDiskFull pins the daemon's side."""
+    """The docs send admins where a failing trail shows, as TestDiskFull pins the daemon's side."""
 
-    def test_readme_points_to_status_and_metrics(self) -> None:
+    def test_docs_point_to_status_and_metrics(self) -> None:
         """The failure paragraph names /status and the audit metrics, and says /healthz stays alive."""
-        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-        paragraph = readme.split("**When the trail cannot be written**", 1)[1].split("\n\n", 1)[0]
+        docs = Path(__file__).resolve().parent.parent / "docs"
+        trail = (docs / "audit-trail.md").read_text(encoding="utf-8")
+        paragraph = trail.split("**When the trail cannot be written**", 1)[1].split("\n\n", 1)[0]
         assert "the backlog in `/status`" in paragraph
         assert "`license_server_audit_writable 0`" in paragraph
         assert "`/healthz` stays `alive`" in paragraph
-        healthz = next(line for line in readme.splitlines() if line.startswith("| `GET /healthz` |"))
+        operations = (docs / "operations.md").read_text(encoding="utf-8")
+        healthz = next(line for line in operations.splitlines() if line.startswith("| `GET /healthz` |"))
         assert "also while the audit trail cannot be written" in healthz

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import importlib
 import io
 import json
 import sys
@@ -16,11 +16,15 @@ import matplotlib
 import pytest
 from structlog.testing import capture_logs
 
-from license_server.audit.search import Query, search, write_csv, write_json, write_table
+from license_server.audit.search import Query, search, write_csv, write_table
 from license_server.cli import main
 from license_server.reports import charts
+from license_server.reports import machines as machine_report
 from license_server.reports import seats as reports
-from license_server.reports.seats import MachineQuery, SeatQuery
+from license_server.reports.machines import MachineQuery
+from license_server.reports.seats import SeatQuery
+from license_server.reports.tables import write_json
+from license_server.storage.seats import SqliteSeatReader
 from tests.admin_support import Admin
 from tests.audit_builder import TrailBuilder
 from tests.conftest import PRODUCT, Upstream, Workstation
@@ -81,8 +85,10 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 def seat_report(ledger: Ledger) -> reports.SeatReport:
     """The report of 3 November, with every change kept for a chart."""
-    with contextlib.closing(reports.open_ledger(ledger.path)) as db:
-        return reports.seat_report(db, SeatQuery(since=at(3), until=at(4)), max_steps=charts.MAX_STEP_POINTS)
+    with SqliteSeatReader(ledger.path).snapshot() as snapshot:
+        return reports.seat_report(
+            snapshot, SeatQuery(since=at(3), until=at(4)), max_steps=charts.MAX_STEP_POINTS
+        )
 
 
 class TestCharts:
@@ -152,7 +158,11 @@ class TestConsoleChart:
         await admin.settle()
         async with admin.browser() as session:
             await admin.login(session)
-            monkeypatch.setitem(sys.modules, "numpy", None)  # drawing needs it: the import fails
+            # matplotlib loaded, then numpy hidden: the chart's own `import numpy` fails mid-drawing,
+            # whichever tests ran before this one
+            for module in ("matplotlib", "matplotlib.backends.backend_agg", "matplotlib.figure"):
+                importlib.import_module(module)
+            monkeypatch.setitem(sys.modules, "numpy", None)
             with capture_logs() as logs:
                 async with session.get("/licenses/chart.svg", params={"days": "7"}) as r:
                     assert r.status == 200
@@ -286,10 +296,10 @@ class TestJson:
     def test_reports_json_is_exact_and_printable(self, ledger: Ledger) -> None:
         """`report machines --format json` carries the ledger's exact values, escaped."""
         machines_fleet(ledger)
-        with contextlib.closing(reports.open_ledger(ledger.path)) as db:
-            rows = reports.machines(db, MachineQuery(now=at(4)))
+        with SqliteSeatReader(ledger.path).snapshot() as snapshot:
+            rows = machine_report.machines(snapshot, MachineQuery(now=at(4)))
         out = io.StringIO()
-        reports.write_machines(rows, out, "json")
+        machine_report.write_machines(rows, out, "json")
         lines = out.getvalue().splitlines()
         assert all(line.isprintable() for line in lines)
         assert [json.loads(line) for line in lines] == rows
@@ -316,7 +326,9 @@ class TestTables:
         ledger.machine(hostile, hostile, last_seen=at(3), key=hostile)
         out = io.StringIO()
         reports.write_seats(seat_report(ledger), out, "table")
-        with contextlib.closing(reports.open_ledger(ledger.path)) as db:
-            reports.write_machines(reports.machines(db, MachineQuery(now=at(4))), out, "table")
+        with SqliteSeatReader(ledger.path).snapshot() as snapshot:
+            machine_report.write_machines(
+                machine_report.machines(snapshot, MachineQuery(now=at(4))), out, "table"
+            )
         assert out.getvalue().replace("\n", "").isprintable()
         assert "x\\x1b\\x07\\x9b\\x7f\\u202e" in out.getvalue()

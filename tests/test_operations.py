@@ -18,6 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
+from license_server.audit.chain import Action
+from license_server.licensing.policy import Outcome
 from license_server.web.metrics import Metrics
 from tests.conftest import LICENSE, TOKEN, Daemon, Upstream, send_form
 from tests.test_egress import make_tls
@@ -56,6 +58,7 @@ class TestMonitoring:
             "license_server_calls_total",
             "license_server_upstream_requests_total",
             "license_server_upstream_latency_seconds_bucket",
+            "license_server_upstream_retries_total",
             "license_server_call_latency_seconds_bucket",
             "license_server_kept_answers",
             "license_server_floating_seats_in_use",
@@ -288,3 +291,28 @@ class TestCallMetrics:
             "license_server_call_latency_seconds_count 7.0",
         ):
             assert line in text, line
+
+    def test_upstream_counted_from_the_outcome(self) -> None:
+        """Answers count as answered or refused, with latency; failures by kind; offline mode not at all."""
+        metrics = Metrics(["key/activate"])
+        metrics.count_upstream(Outcome(Action.FORWARDED, 200, b"", result=0, upstream_latency=0.03))
+        metrics.count_upstream(Outcome(Action.FORWARDED, 200, b"", result=1, upstream_latency=0.3))
+        for retried in (False, True):
+            metrics.count_upstream(
+                Outcome(
+                    Action.KEPT_STALE, 200, b"", failure="no answer", failure_kind="timeout", retried=retried
+                )
+            )
+        metrics.count_upstream(Outcome(Action.UPSTREAM_FAILED, 503, b"", failure="offline mode is on"))
+        metrics.count_upstream(Outcome(Action.KEPT_FRESH, 200, b""))
+        text = metrics.render().decode()
+        for line in (
+            'license_server_upstream_requests_total{outcome="answered"} 1.0',
+            'license_server_upstream_requests_total{outcome="refused"} 1.0',
+            'license_server_upstream_requests_total{outcome="timeout"} 2.0',
+            "license_server_upstream_retries_total 1.0",
+            'license_server_upstream_latency_seconds_bucket{le="0.05"} 1.0',
+            "license_server_upstream_latency_seconds_count 2.0",
+        ):
+            assert line in text, line
+        assert text.count("license_server_upstream_requests_total{") == 3

@@ -299,10 +299,12 @@ class TestDefaults:
             assert (await lab.activate("ETXYI-GFILQ-UXAXK-GGKSU", product=3941))[0] is None
             (folder / "lab.skm").write_bytes((data / "cryptolens-example-2019.skm").read_bytes())
             proc.kill(signal.SIGHUP)
-            for _ in range(50):
-                if "license_files_reloaded" in proc.log_text():
+            for _ in range(100):
+                if '"reloaded"' in proc.log_text():
                     break
                 await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the daemon never logged that it reloaded")
             license_key, message = await lab.activate("ETXYI-GFILQ-UXAXK-GGKSU", product=3941)
             assert license_key is not None, message
         finally:

@@ -21,10 +21,13 @@ from hypothesis import strategies as st
 
 from bench import ledger as bench_ledger
 from license_server.cli import main
-from license_server.reports import charts
+from license_server.reports import charts, tables
+from license_server.reports import machines as machine_report
 from license_server.reports import seats as reports
-from license_server.reports.seats import Buckets, MachineQuery, SeatQuery, SeatReport
-from license_server.storage.seats import SCHEMA
+from license_server.reports.machines import MachineQuery
+from license_server.reports.seats import Buckets, SeatQuery, SeatReport
+from license_server.storage.seats import SCHEMA, SqliteSeatReader
+from license_server.storage.state import SEATS_FILE
 
 PRODUCT = "3349"
 KEY = "MUYVD-LSEBY-CXHRQ-XFAGY"
@@ -48,7 +51,7 @@ class Ledger:
     """A seat ledger written row by row, the way the daemon's SCHEMA lays it out."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / reports.LEDGER_NAME
+        self.path = state_dir / SEATS_FILE
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
@@ -134,8 +137,8 @@ class Ledger:
     ) -> SeatReport:
         """The seat report, read through a read-only connection as the CLI reads it."""
         query = SeatQuery(since=since, until=until, every=every, product=product, key=key)
-        with contextlib.closing(reports.open_ledger(self.path)) as db:
-            return reports.seat_report(db, query)
+        with SqliteSeatReader(self.path).snapshot() as snapshot:
+            return reports.seat_report(snapshot, query)
 
     def rows(
         self,
@@ -160,8 +163,8 @@ class Ledger:
     ) -> list[dict[str, object]]:
         """The machines report."""
         query = MachineQuery(now=now, idle_days=idle_days, name=name, product=product, key=key)
-        with contextlib.closing(reports.open_ledger(self.path)) as db:
-            return reports.machines(db, query)
+        with SqliteSeatReader(self.path).snapshot() as snapshot:
+            return machine_report.machines(snapshot, query)
 
 
 @pytest.fixture
@@ -538,8 +541,8 @@ def plain_csv(rows: list[Row]) -> str:
 def assert_matches_plain(path: Path, query: SeatQuery) -> None:
     """The report, its CSV and its JSON lines agree with the plain computation."""
     expected = plain_rows(path, query)
-    with contextlib.closing(reports.open_ledger(path)) as db:
-        report = reports.seat_report(db, query)
+    with SqliteSeatReader(path).snapshot() as snapshot:
+        report = reports.seat_report(snapshot, query)
     assert report_rows(report) == expected
     assert [(usage.product_id, usage.key) for usage in report.licenses] == sorted(
         {row[:2] for row in expected}
@@ -644,7 +647,7 @@ def test_the_report_matches_a_plain_computation(
 
 @pytest.mark.parametrize("every", ["day", "week"])
 def test_the_benchmark_ledger_matches_a_plain_computation(tmp_path: Path, every: str) -> None:
-    path = tmp_path / reports.LEDGER_NAME
+    path = tmp_path / SEATS_FILE
     bench_ledger.build(path, bench_ledger.LedgerShape().scaled(licenses=10, days=21))
     with contextlib.closing(sqlite3.connect(path)) as db:
         first, last = db.execute("SELECT min(hour), max(hour) FROM activity").fetchone()
@@ -778,8 +781,8 @@ def test_chart_falls_back_to_bucket_peaks_when_there_are_too_many_changes(
     ledger: Ledger, tmp_path: Path
 ) -> None:
     overdrawn(ledger)
-    with contextlib.closing(reports.open_ledger(ledger.path)) as db:
-        report = reports.seat_report(db, SeatQuery(since=at(3), until=at(5), every="hour"), max_steps=2)
+    with SqliteSeatReader(ledger.path).snapshot() as snapshot:
+        report = reports.seat_report(snapshot, SeatQuery(since=at(3), until=at(5), every="hour"), max_steps=2)
     (usage,) = report.licenses
     assert usage.steps is None
     times, counts = charts.seat_series(report, usage)
@@ -792,8 +795,8 @@ def test_chart_falls_back_to_bucket_peaks_when_there_are_too_many_changes(
 def test_chart_step_line_follows_every_change(ledger: Ledger) -> None:
     ledger.lease("a", at(3, 8), at(3, 10))
     ledger.lease("b", at(3, 9), at(3, 11))
-    with contextlib.closing(reports.open_ledger(ledger.path)) as db:
-        report = reports.seat_report(db, SeatQuery(since=at(3), until=at(4)), max_steps=100)
+    with SqliteSeatReader(ledger.path).snapshot() as snapshot:
+        report = reports.seat_report(snapshot, SeatQuery(since=at(3), until=at(4)), max_steps=100)
     times, counts = charts.seat_series(report, report.licenses[0])
     assert list(zip(times, counts, strict=True)) == [
         (at(3), 0),
@@ -831,7 +834,8 @@ def test_chart_without_matplotlib_says_what_to_install(
         main(["report", "seats", "--set", f"state_dir={tmp_path}", "--chart", str(tmp_path / "x.svg")]) == 2
     )
     err = capsys.readouterr().err
-    # The command that works from a checkout, as the README gives it; pip knows no `license-server` package.
+    # The command that works from a checkout, as docs/seats-and-reports.md gives it;
+    # pip knows no `license-server` package.
     assert ".venv/bin/pip install '.[charts]'" in err
     assert "install license-server[charts]" not in err
     assert not (tmp_path / "x.svg").exists()
@@ -869,7 +873,7 @@ def test_machines_are_listed_by_name_then_key(ledger: Ledger) -> None:
         ("lab pc 2", KEY),
         ("Lab PC 3", KEY),
     ]
-    assert list(rows[2]) == list(reports.MACHINE_COLUMNS)
+    assert list(rows[2]) == list(machine_report.MACHINE_COLUMNS)
     assert rows[2] == {
         "friendly_name": "Lab PC 1",
         "product_id": PRODUCT,
@@ -907,19 +911,19 @@ def test_machines_formats(ledger: Ledger) -> None:
     fleet(ledger)
     rows = ledger.machines(NOW)
     out = io.StringIO()
-    reports.write_machines(rows, out, "csv")
+    machine_report.write_machines(rows, out, "csv")
     parsed = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert parsed[2]["floating"] == "false"
     assert parsed[2]["deactivated"] == ""
     out = io.StringIO()
-    reports.write_machines(rows, out, "table")
+    machine_report.write_machines(rows, out, "table")
     lines = out.getvalue().splitlines()
-    assert lines[0].split() == list(reports.MACHINE_COLUMNS)
+    assert lines[0].split() == list(machine_report.MACHINE_COLUMNS)
     assert "Büro-PC" in lines[1]
     assert " no " in lines[3]
     out = io.StringIO()
-    reports.write_machines([], out, "table")
-    assert out.getvalue() == reports.EMPTY_MACHINES + "\n"
+    machine_report.write_machines([], out, "table")
+    assert out.getvalue() == machine_report.EMPTY_MACHINES + "\n"
 
 
 def test_cli_machines_json(ledger: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -944,7 +948,7 @@ def test_cli_without_a_ledger_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
     assert main(["report", command, "--set", f"state_dir={tmp_path}"]) == 2
-    path = tmp_path / reports.LEDGER_NAME
+    path = tmp_path / SEATS_FILE
     assert capsys.readouterr().err == (
         f"license-server: no seat ledger at {path} yet: the daemon has not run with this state_dir\n"
     )
@@ -952,7 +956,7 @@ def test_cli_without_a_ledger_exits_2(
 
 
 def test_cli_an_unreadable_ledger_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / reports.LEDGER_NAME).write_bytes(b"")  # an empty database: no tables
+    (tmp_path / SEATS_FILE).write_bytes(b"")  # an empty database: no tables
     assert main(["report", "seats", "--set", f"state_dir={tmp_path}"]) == 2
     assert "cannot read the seat ledger" in capsys.readouterr().err
 
@@ -1011,7 +1015,7 @@ def test_cli_defaults_to_the_last_30_days_by_day(
     ledger.lease("old", today - 31 * DAY, today - 31 * DAY + HOUR)
     assert main(["report", "seats", "--set", f"state_dir={tmp_path}", "--format", "json"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
-    assert json.loads(line)["interval_start"] == reports.iso(today - 29 * DAY)
+    assert json.loads(line)["interval_start"] == tables.iso(today - 29 * DAY)
 
 
 def test_cli_every_filter_and_format(

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from license_server.cli import main
-from license_server.storage.seats import LIMIT_REACHED, SeatLedger
+from license_server.storage.seats import LIMIT_REACHED, MachineRow, SeatLedger
+from license_server.storage.state import StateFolder
 from tests.admin_support import Admin
 from tests.conftest import LICENSE, PRODUCT, Clock, Daemon, Upstream, Workstation, send_form
 from tests.test_proxy import activate_form
@@ -58,7 +59,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _open(self) -> SeatLedger:
         ledger = SeatLedger(
-            Path(self.folder.name) / "seats.sqlite3", lease_clock=self.clock, clock=self.clock
+            StateFolder(Path(self.folder.name)).seats, lease_clock=self.clock, clock=self.clock
         )
         self.loop.run_until_complete(ledger.open())
         return ledger
@@ -238,6 +239,49 @@ class TestOutageSeats:
         await floating.restart()
         assert (await post_activation(floating, machines[10], 600))["result"] == 1
         assert (await post_activation(floating, machines[3], 600))["result"] == 0
+
+
+class TestFlush:
+    """What the ledger sums in memory reaches its readers on a flush, with no waiting."""
+
+    async def test_flush_writes_the_calls_summed_in_memory(self, tmp_path: Path, clock: Clock) -> None:
+        """Machines seen a moment ago are on the read side after flush(), their calls summed."""
+        ledger = SeatLedger(StateFolder(tmp_path).seats, lease_clock=clock, clock=clock)
+        await ledger.open()
+        try:
+            for _ in range(3):
+                ledger.seen(LIC, "m1", friendly_name="PC-1", client="10.0.0.7", floating=False)
+            await ledger.flush()
+            row = await asyncio.to_thread(machine_row, ledger, "m1")
+            assert row is not None
+            assert (row.friendly_name, row.client, row.calls, row.floating) == ("PC-1", "10.0.0.7", 3, False)
+            ledger.seen(LIC, "m1", friendly_name="", client="10.0.0.8", floating=True)
+            await ledger.flush()
+            row = await asyncio.to_thread(machine_row, ledger, "m1")
+            assert row is not None
+            assert (row.friendly_name, row.client, row.calls, row.floating) == ("PC-1", "10.0.0.8", 4, True)
+        finally:
+            await ledger.close()
+
+    async def test_console_knows_a_machine_activated_a_moment_ago(
+        self, admin: Admin, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A deactivation from the console right after a floating activation is sent as floating."""
+        license_key, message = await workstation("f1").activate(floating=3600, friendly_name="FLOAT-1")
+        assert license_key is not None, message
+        status, body, _ = await admin.api(
+            "POST",
+            "/api/v1/machines/deactivate",
+            json={"product_id": PRODUCT, "key": LICENSE, "machine_code": "f1"},
+        )
+        assert status == 200, body
+        assert upstream.fake.calls_to("key/deactivate")[0].fields["floating"] == "true"
+
+
+def machine_row(ledger: SeatLedger, machine: str) -> MachineRow | None:
+    """A machine of LIC as the ledger's read side has it."""
+    with ledger.reader.snapshot() as snapshot:
+        return snapshot.machine(LIC, machine)
 
 
 class TestLedgerRecords:

@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from license_server.audit import chain
+from license_server.storage.state import StateFolder
 from tests.conftest import Daemon
 from tests.test_proxy import activate_form, post
 
@@ -94,6 +95,26 @@ class TestPrivateState:
         found = await asyncio.to_thread(modes, state)
         for name in ("answers.sqlite3", "fingerprint.key", f"audit/{chain.HEAD_FILE}"):
             assert found[str(state / name)] == "0600", name
+
+
+class TestFileNames:
+    """A state directory holds the files StateFolder names, under the names earlier versions gave them."""
+
+    async def test_daemon_writes_the_named_files(self, daemon_factory: DaemonFactory) -> None:
+        """After a clean stop: the two databases, the fingerprint key, the lock, and the audit folder."""
+        daemon = await daemon_factory()
+        assert (await post(daemon, "/api/key/activate", activate_form()))[0] == 200
+        await daemon.stop()
+        folder = StateFolder(daemon.config.state_dir)
+        named = [folder.answers, folder.seats, folder.fingerprint_key, folder.lock]
+        assert [path.name for path in named] == [
+            "answers.sqlite3",
+            "seats.sqlite3",
+            "fingerprint.key",
+            ".lock",
+        ]
+        found = await asyncio.to_thread(lambda: set(folder.path.iterdir()))
+        assert found == {*named, daemon.config.audit_dir}
 
 
 class TestOpenStateWarned:

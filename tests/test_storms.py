@@ -25,6 +25,7 @@ from license_server.licensing.upstream import Upstream as Egress
 from license_server.web.app import SERVICES
 from tests.conftest import LICENSE, PRODUCT, TOKEN, Daemon, Upstream, Workstation, send_form
 from tests.fake_upstream import Activation, FakeCryptolens
+from tests.test_faults import sent_upstream
 from tests.test_process import DaemonProcess, _recorded_ids
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
@@ -167,6 +168,13 @@ async def count_at(seconds: float, count: Callable[[], int]) -> int:
     return count()
 
 
+async def sent_after(seconds: float, daemon: Daemon) -> int:
+    """The requests the daemon has sent upstream `seconds` from now."""
+    await asyncio.sleep(seconds)
+    sent, _ = await sent_upstream(daemon)
+    return sent
+
+
 def egress(daemon: Daemon) -> Egress:
     """The daemon's upstream egress."""
     upstream = daemon.app[SERVICES].upstream
@@ -187,7 +195,7 @@ class TestRetryBudget:
         assert status == 502
         assert headers["X-License-Server-Source"] == "upstream_failed"
         assert len(upstream.fake.calls_to(method)) == 1
-        assert egress(daemon).retries_sent == 0
+        assert await sent_upstream(daemon) == (1, 0)
 
     async def test_get_key_tried_once_more(self, daemon: Daemon, upstream: Upstream) -> None:
         """A GetKey whose connection is reset is tried exactly once more: it only reads."""
@@ -201,7 +209,7 @@ class TestRetryBudget:
         await upstream.stop()
         status, _, _ = await send_form(daemon.base, "/api/key/activate", activate_form(0, 0))
         assert status == 502
-        assert (egress(daemon).calls_sent, egress(daemon).retries_sent) == (2, 1)
+        assert await sent_upstream(daemon) == (2, 1)
 
     async def test_retry_does_not_bypass_breaker(
         self, daemon_factory: DaemonFactory, upstream: Upstream
@@ -268,11 +276,9 @@ class TestBreakerUnderLoad:
         connector = aiohttp.TCPConnector(limit=CONCURRENCY)
         async with aiohttp.ClientSession(connector=connector) as session:
             # what the breaker let through before its first probe was due: the calls that opened it
-            opening = asyncio.ensure_future(
-                count_at(0.75 * breaker.reset_after, lambda: egress(daemon).calls_sent)
-            )
+            opening = asyncio.ensure_future(sent_after(0.75 * breaker.reset_after, daemon))
             storm = await paced(rate, outage, lambda n: post(session, url, forms[n % len(forms)]))
-            attempts = egress(daemon).calls_sent
+            attempts, _ = await sent_upstream(daemon)
             opened_with = await opening
             await upstream.start()
             # the next probe is due within max_reset_after; keep the load on until well after it

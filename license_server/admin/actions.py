@@ -19,12 +19,12 @@ from urllib.parse import urlencode
 import structlog
 
 from license_server.admin.credentials import Secret
-from license_server.admin.ledger import kept_activations, machine_facts
-from license_server.audit.chain import ADMIN
+from license_server.admin.ledger import machine_facts
+from license_server.audit.chain import ADMIN, Action
 from license_server.audit.writer import AuditUnavailableError
 from license_server.licensing.license_files import answer_body
-from license_server.licensing.policy import Action, Outcome
-from license_server.licensing.protocol import Call, parse_fields
+from license_server.licensing.policy import Outcome
+from license_server.licensing.protocol import Call, Forward, parse_fields
 from license_server.licensing.signatures import (
     AnswerFormatError,
     SignedLicense,
@@ -210,9 +210,9 @@ class Console:
     async def _known(self, target: Target) -> Target:
         """The target with the ledger's friendly name (for the audit record) and seat kind, where unknown."""
         ledger = self.services.licensing.seats
-        await ledger.db.flush()
+        await ledger.flush()
         facts = await asyncio.to_thread(
-            machine_facts, ledger.db.path, target.product_id, target.key, target.machine_code
+            machine_facts, ledger.reader, target.product_id, target.key, target.machine_code
         )
         name, floating = facts if facts is not None else ("", False)
         return dataclasses.replace(
@@ -257,7 +257,11 @@ class Console:
         assert self._token is not None
         body = urlencode({"token": self._token.reveal(), **fields}).encode()
         call = Call.from_fields(method, parse_fields(body.decode()))
-        return await self.services.licensing.answer(call, "POST", body, "", FORM, CONSOLE_CLIENT)
+        outcome = await self.services.licensing.answer(
+            call, Forward(method, "POST", body, "", FORM), CONSOLE_CLIENT
+        )
+        self.services.metrics.count_upstream(outcome)
+        return outcome
 
     def _judge(self, outcome: Outcome, *, done: str) -> Result:
         """A Result from the daemon's outcome, with upstream's own words."""
@@ -310,10 +314,8 @@ class Console:
 
     async def _find_kept(self, target: Target) -> Result:
         """The newest kept answer for the machine that still verifies, else a license file, else a refusal."""
-        store = self.services.store
-        await store.flush()
-        kept = await asyncio.to_thread(
-            kept_activations, store.db.path, target.product_id, target.key, target.machine_code
+        kept = await self.services.store.kept_activations(
+            target.product_id, target.key.upper(), target.machine_code
         )
         for body, _fetched in kept:
             signed = self._signed(body, target)

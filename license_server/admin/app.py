@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +30,7 @@ from license_server.admin.keys import (
 from license_server.admin.sessions import Sessions
 from license_server.admin.throttle import RecordBudget, Throttle
 from license_server.admin.trail import Verifier
-from license_server.config import AdminConfig
+from license_server.config import AdminConfig, is_loopback
 from license_server.web.handlers import status_document
 from license_server.web.keys import Services
 from license_server.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -157,7 +156,7 @@ async def start_admin(
             reason=f"cannot listen on {settings.listen.host}:{settings.listen.port}: {exc.strerror or exc}",
         )
         return None
-    if not _loopback(settings.listen.host):
+    if not is_loopback(settings.listen.host):
         log.warning(
             "admin_console_on_network",
             detail="the admin token crosses the network in clear: put a TLS reverse proxy in front",
@@ -171,13 +170,3 @@ async def start_admin(
             upstream_token=credentials.upstream_source,
         )
     return AdminServer(runner, site, bound)
-
-
-def _loopback(host: str) -> bool:
-    """Whether a listen address is this machine only."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

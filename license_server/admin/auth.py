@@ -14,10 +14,8 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from license_server.admin.html import hidden
 from license_server.admin.keys import (
     ADMIN_TOKEN,
-    ASSETS,
     CONSOLE,
     FAILURE_RECORDS,
     PRINCIPAL,
@@ -162,10 +160,7 @@ def unauthorized(request: web.Request, message: str = "") -> web.Response:
 
 def login_page(request: web.Request, message: str, target: str, *, status: int) -> web.Response:
     """The login form."""
-    templates = request.app[ASSETS].templates
-    flash = templates.render("flash", kind="error", message=message) if message else ""
-    content = templates.render("login", flash=flash, next=hidden({"next": _local(target)}))
-    return page(request, "Log in", content, status=status)
+    return page(request, "login.html", status=status, message=message, target=_local(target))
 
 
 async def login_form(request: web.Request) -> web.Response:

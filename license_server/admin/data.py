@@ -66,9 +66,9 @@ async def license_list(request: web.Request, days: int, offset: int, most: int) 
     services = services_of(request)
     now = request.app[NOW]()
     ledger = services.licensing.seats
-    await ledger.db.flush()
+    await ledger.flush()
     rows, _ = await asyncio.to_thread(
-        licenses, ledger.db.path, since=now - days * DAY, until=now, in_use=ledger.in_use()
+        licenses, ledger.reader, since=now - days * DAY, until=now, in_use=ledger.in_use()
     )
     found = Slice.of(rows, offset, most)
     return {
@@ -134,10 +134,10 @@ async def machine_list(request: web.Request, text: str, *, idle_only: bool, offs
     """A page of the machines matching a search across all licenses, each marked idle or not."""
     services = services_of(request)
     ledger = services.licensing.seats
-    await ledger.db.flush()
+    await ledger.flush()
     return await asyncio.to_thread(
         find_machines,
-        ledger.db.path,
+        ledger.reader,
         text=text,
         idle_only=idle_only,
         idle_days=request.app[SETTINGS].idle_days,

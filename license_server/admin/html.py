@@ -1,75 +1,57 @@
-"""A tiny template helper: string.Template files, every value escaped unless it is already Markup."""
+"""The console's Jinja2 templates, with autoescape on and the console's own escaping of values."""
 
 from __future__ import annotations
 
 import html
-import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from importlib import resources
+
+import jinja2
+from markupsafe import Markup
 
 _PACKAGE = "license_server.admin"
 
 
-class Markup(str):
-    """HTML that is safe as it is: escaped text, or built only from escaped parts."""
-
-    __slots__ = ()
-
-
-def esc(value: object) -> Markup:
-    """A value as HTML text: escaped (quotes too), None as nothing, Markup as it is."""
-    if isinstance(value, Markup):
+def escaped(value: object) -> Markup:
+    """A printed value as HTML text: escaped with its quotes (&quot; and &#x27;), None as nothing."""
+    if isinstance(value, Markup):  # a macro's output, already escaped
         return value
-    return Markup("" if value is None else html.escape(str(value), quote=True))
+    return Markup("" if value is None else html.escape(str(value), quote=True))  # noqa: S704 - escaped
 
 
-def join(parts: Iterable[object], separator: str = "") -> Markup:
-    """Several values escaped and put together."""
-    return Markup(separator.join(esc(part) for part in parts))
-
-
-def tag(name: str, content: object = "", **attributes: object) -> Markup:
-    """One element; attributes named with a trailing _ lose it (class_), False or None leaves one out."""
-    attrs = "".join(
-        f" {key.rstrip('_').replace('_', '-')}" + ("" if value is True else f'="{esc(value)}"')
-        for key, value in attributes.items()
-        if value is not None and value is not False
-    )
-    return Markup(f"<{name}{attrs}>{esc(content)}</{name}>")
-
-
-def hidden(fields: Mapping[str, object]) -> Markup:
-    """Hidden form inputs carrying values to the next request."""
-    return Markup(
-        "".join(
-            f'<input type="hidden" name="{esc(key)}" value="{esc(value)}">' for key, value in fields.items()
-        )
-    )
+def clock_time(text: object) -> str:
+    """A record's ISO time to the second, as "2026-11-04 09:15:02"; nothing when there is none."""
+    return str(text)[:19].replace("T", " ") if text else ""
 
 
 class Templates:
-    """The console's page templates, read once at start."""
+    """The console's page templates, read once at start, each compiled once when a page first needs it."""
 
-    def __init__(self, texts: Mapping[str, str]) -> None:
-        self._templates = {name: string.Template(text) for name, text in texts.items()}
+    def __init__(self, sources: Mapping[str, str]) -> None:
+        # Compiling all of them at start costs tens of milliseconds, which would open the console's port
+        # that much later than the workstation port; compiled on first use, they are kept for good.
+        self._environment = jinja2.Environment(
+            loader=jinja2.DictLoader(dict(sources)),  # in memory: a request never reads a file
+            autoescape=True,  # every template is HTML or SVG
+            finalize=escaped,  # the escaping the console has always written, before autoescape sees it
+            undefined=jinja2.StrictUndefined,  # a value a template names but was not given is an error
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            auto_reload=False,
+            cache_size=-1,
+        )
+        self._environment.filters["clock_time"] = clock_time
 
     @classmethod
     def load(cls) -> Templates:
         """Read every template shipped with the package (file reads: call it off the event loop)."""
         folder = resources.files(_PACKAGE) / "templates"
-        return cls(
-            {
-                item.name.removesuffix(".html"): item.read_text("utf-8")
-                for item in folder.iterdir()
-                if item.name.endswith(".html")
-            }
-        )
+        return cls({item.name: item.read_text("utf-8") for item in folder.iterdir() if item.is_file()})
 
-    def render(self, template: str, /, **values: object) -> Markup:
-        """A template filled in; a placeholder without a value is an error, never left showing."""
-        return Markup(
-            self._templates[template].substitute({key: esc(value) for key, value in values.items()})
-        )
+    def render(self, template: str, /, **values: object) -> str:
+        """A template filled in, every value escaped unless a macro of the templates made it."""
+        return self._environment.get_template(template).render(values)
 
 
 def asset(name: str) -> bytes:

@@ -1,51 +1,18 @@
-"""What the console reads from the seat ledger and the kept answers: read-only connections, in a thread."""
+"""What the console shows from the seat ledger: one snapshot of its read side per page, read in a thread."""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from license_server.reports import charts
-from license_server.reports.seats import (
-    MachineQuery,
-    SeatQuery,
-    SeatReport,
-    iso,
-    license_summary,
-    machines,
-    open_ledger,
-    seat_report,
-)
-
-License = tuple[str, str]  # (product id, license key as the ledger holds it)
-
-_LICENSES = "SELECT product_id, license_key, max_machines, updated FROM licenses"
-_MACHINE_COUNTS = (
-    "SELECT product_id, license_key, count(*), sum(deactivated IS NULL) FROM machines"
-    " GROUP BY product_id, license_key"
-)
-_MACHINE = (
-    "SELECT friendly_name, floating FROM machines"
-    " WHERE product_id = ? AND license_key = ? AND machine_code = ?"
-)
-_KEPT = (
-    "SELECT body, fetched_at FROM answers WHERE product_id = ? AND license_key = ? AND machine_code = ?"
-    " AND method = 'key/activate' ORDER BY fetched_at DESC"
-)
-
-
-@contextlib.contextmanager
-def _reading(path: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection (the daemon writes the file meanwhile), closed afterwards."""
-    db = open_ledger(path)
-    try:
-        yield db
-    finally:
-        db.close()
+from license_server.reports.machines import MachineQuery, machines
+from license_server.reports.seats import SeatQuery, SeatReport, license_summary, seat_report
+from license_server.reports.tables import iso
+from license_server.storage.interfaces import SeatReader
+from license_server.storage.seats import License, MachineCount
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +42,11 @@ class Slice:
 
 
 def find_machines(
-    path: Path, *, text: str, idle_only: bool, idle_days: int, now: float, offset: int, limit: int
+    reader: SeatReader, *, text: str, idle_only: bool, idle_days: int, now: float, offset: int, limit: int
 ) -> Slice:
     """Machines whose friendly name, machine code, license key or address contains `text`, any case."""
-    with _reading(path) as db:
-        rows = machines(db, MachineQuery(now=now, idle_days=idle_days if idle_only else None))
+    with reader.snapshot() as ledger:
+        rows = machines(ledger, MachineQuery(now=now, idle_days=idle_days if idle_only else None))
     wanted = text.strip().casefold()
     found: list[dict[str, object]] = []
     for row in rows:
@@ -97,46 +64,43 @@ def _whole(value: object) -> int:
 
 
 def licenses(
-    path: Path, *, since: float, until: float, in_use: Mapping[License, int]
+    reader: SeatReader, *, since: float, until: float, in_use: Mapping[License, int]
 ) -> tuple[list[dict[str, object]], SeatReport]:
     """Every license the ledger knows: its limit, seats in use now, machines, and the period's peak."""
-    with _reading(path) as db:
-        limits = {(str(p), str(k)): (int(n), float(u)) for p, k, n, u in db.execute(_LICENSES)}
-        counts = {
-            (str(p), str(k)): (int(total), int(active or 0))
-            for p, k, total, active in db.execute(_MACHINE_COUNTS)
-        }
-        report = seat_report(db, SeatQuery(since=since, until=until), max_steps=charts.MAX_STEP_POINTS)
+    with reader.snapshot() as ledger:
+        limits = ledger.limits()
+        counts = ledger.machine_counts()
+        report = seat_report(ledger, SeatQuery(since=since, until=until), max_steps=charts.MAX_STEP_POINTS)
     usage = {(item.product_id, item.key): item for item in report.licenses}
     rows: list[dict[str, object]] = []
     for license in sorted(limits.keys() | counts.keys() | usage.keys() | in_use.keys()):
         product, key = license
         limit = limits.get(license)
-        total, active = counts.get(license, (0, 0))
+        total, active = counts.get(license, MachineCount(0, 0))
         period = usage.get(license)
         rows.append(
             {
                 "product_id": product,
                 "key": key,
-                "seat_limit": None if limit is None else limit[0],
+                "seat_limit": None if limit is None else limit.max_machines,
                 "floating_in_use": in_use.get(license, 0),
                 "machines_active": active,
                 "machines_known": total,
                 "peak_floating": 0 if period is None else period.peak,
                 "denials": 0 if period is None else period.denials,
                 "summary": None if period is None else license_summary(period),
-                "limit_seen": None if limit is None else iso(limit[1]),
+                "limit_seen": None if limit is None else iso(limit.updated),
             }
         )
     return rows, report
 
 
-def seat_chart(path: Path, *, since: float, until: float, key: str | None) -> bytes:
+def seat_chart(reader: SeatReader, *, since: float, until: float, key: str | None) -> bytes:
     """The reports' seats-in-use chart as SVG; charts.ChartsUnavailableError without matplotlib."""
     charts.require()
-    with _reading(path) as db:
+    with reader.snapshot() as ledger:
         report = seat_report(
-            db, SeatQuery(since=since, until=until, key=key), max_steps=charts.MAX_STEP_POINTS
+            ledger, SeatQuery(since=since, until=until, key=key), max_steps=charts.MAX_STEP_POINTS
         )
     with tempfile.TemporaryDirectory(prefix="license-server-chart-") as folder:
         target = Path(folder) / "seats.svg"
@@ -144,15 +108,10 @@ def seat_chart(path: Path, *, since: float, until: float, key: str | None) -> by
         return target.read_bytes()
 
 
-def machine_facts(path: Path, product_id: str, key: str, machine_code: str) -> tuple[str, bool] | None:
+def machine_facts(
+    reader: SeatReader, product_id: str, key: str, machine_code: str
+) -> tuple[str, bool] | None:
     """A machine's friendly name and whether its last activation was floating, if the ledger knows it."""
-    with _reading(path) as db:
-        row = db.execute(_MACHINE, (product_id, key.upper(), machine_code)).fetchone()
-    return None if row is None else (str(row[0]), bool(row[1]))
-
-
-def kept_activations(path: Path, product_id: str, key: str, machine_code: str) -> list[tuple[bytes, float]]:
-    """Kept Activate answers for one machine, newest first (checked by the caller before use)."""
-    with _reading(path) as db:
-        rows = db.execute(_KEPT, (product_id, key.upper(), machine_code)).fetchall()
-    return [(bytes(body), float(fetched)) for body, fetched in rows]
+    with reader.snapshot() as ledger:
+        row = ledger.machine((product_id, key.upper()), machine_code)
+    return None if row is None else (row.friendly_name, row.floating)

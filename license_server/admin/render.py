@@ -7,17 +7,9 @@ import json
 from aiohttp import web
 
 from license_server import __version__
-from license_server.admin.html import Markup, hidden, tag
 from license_server.admin.keys import ASSETS, PRINCIPAL
 
 HTML = "text/html"
-NAV = (
-    ("/", "Status"),
-    ("/licenses", "Licenses"),
-    ("/machines", "Machines"),
-    ("/activate", "Activate"),
-    ("/audit", "Audit log"),
-)
 
 
 def is_api(request: web.Request) -> bool:
@@ -25,37 +17,31 @@ def is_api(request: web.Request) -> bool:
     return request.path == "/api" or request.path.startswith("/api/")
 
 
-def page(request: web.Request, title: str, content: Markup, *, status: int = 200) -> web.Response:
-    """A console page: navigation, who is logged in (with a logout button) and the content."""
-    templates = request.app[ASSETS].templates
+def page(request: web.Request, template: str, /, *, status: int = 200, **values: object) -> web.Response:
+    """A console page: a template that extends layout.html, given the page's values and the layout's own.
+
+    The layout's values: the path (for the navigation), who is logged in (None without a session), the
+    session's CSRF token ("" without one), the daemon's version and the answer's status.
+    """
     principal = request.get(PRINCIPAL)
-    user = Markup("")
-    if principal is not None and principal.session is not None:
-        user = templates.render("user", who=principal.who, csrf=hidden({"csrf": principal.session.csrf}))
-    links = Markup(
-        "".join(
-            tag("a", label, href=href, aria_current="page" if _current(request.path, href) else None)
-            for href, label in NAV
-        )
+    session = None if principal is None else principal.session
+    body = request.app[ASSETS].templates.render(
+        template,
+        path=request.path,
+        user=None if principal is None or session is None else principal.who,
+        csrf="" if session is None else session.csrf,
+        version=__version__,
+        status=status,
+        **values,
     )
-    body = templates.render("layout", title=title, nav=links, user=user, content=content, version=__version__)
     return web.Response(status=status, text=body, content_type=HTML, charset="utf-8")
-
-
-def _current(path: str, href: str) -> bool:
-    """Whether a navigation link names the page shown."""
-    return path == href if href == "/" else path.startswith(href)
 
 
 def error(request: web.Request, status: int, message: str) -> web.Response:
     """An error: JSON {"error": ...} for the API, a page with the message for a browser."""
     if is_api(request):
         return json_response({"error": message}, status=status)
-    content = Markup(
-        tag("h1", "Something went wrong" if status >= 500 else "Not done")
-        + tag("p", message, class_="flash error")
-    )
-    return page(request, f"Error {status}", content, status=status)
+    return page(request, "error.html", status=status, message=message)
 
 
 def json_response(data: object, *, status: int = 200) -> web.Response:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from license_server.audit import chain
-from license_server.audit.search import lines, parse_record, record_time, time_windows
 
 _HEADER = ("seq", "time", "prev", "type")
 CHECKPOINT_EVENT = "audit_checkpoint"  # the operational log's event that carries the head of the chain
@@ -175,7 +174,7 @@ class _Walk:
         """Read the head marker, then list the files: written in that order, the files can only be ahead."""
         self.head, self.head_broken = _read_head(folder)
         self.files = chain.list_files(folder)
-        self.windows = time_windows(self.files)
+        self.windows = chain.time_windows(self.files)
         self.checkpoints: dict[int, set[str]] = {}
         for seq, digest in checkpoints:
             self.checkpoints.setdefault(seq, set()).add(digest.lower())
@@ -240,7 +239,7 @@ class _Walk:
         high = _time_text(window[1]) if window[1] is not None else "~"
         complete, warned = 0, False
         with audit_file.path.open("rb") as stream:
-            rest = lines(stream)
+            rest = chain.lines(stream)
             for number, raw in enumerate(rest, 1):
                 if not raw.endswith(b"\n"):
                     self.torn_line(name, number, len(raw), last_file=index == len(self.files) - 1)
@@ -260,7 +259,7 @@ class _Walk:
     def record(self, audit_file: chain.AuditFile, number: int, line: bytes, rest: Iterator[bytes]) -> _Mark:
         """Check one complete line: its form, its place in the chain, and what is known about it."""
         name = audit_file.path.name
-        record = parse_record(line)
+        record = chain.parse_record(line)
         if record is None:
             self.fail(name, number, "line is not JSON")
         malformed = _malformed(record, line)
@@ -371,7 +370,7 @@ class _Walk:
                 continue
             try:
                 with audit_file.path.open("rb") as stream:
-                    first = next(lines(stream), b"")
+                    first = next(chain.lines(stream), b"")
             except OSError:
                 continue
             if _seq_of(first) == seq:
@@ -427,7 +426,7 @@ class _Walk:
         whether a warning was added.
         """
         low, high = window
-        when = record_time(mark.time)
+        when = chain.record_time(mark.time)
         if when is not None and (low is None or when >= low) and (high is None or when <= high):
             return False
         shown = ("…" if low is None else _time_text(low), "…" if high is None else _time_text(high))
@@ -601,7 +600,7 @@ def _look_ahead(rest: Iterator[bytes], wanted: int) -> tuple[int | None, bool]:
 
 def _seq_of(raw: bytes) -> int | None:
     """The seq of a raw line, if it is a record that has one."""
-    record = parse_record(raw.rstrip(b"\n"))
+    record = chain.parse_record(raw.rstrip(b"\n"))
     seq = record.get("seq") if record is not None else None
     return seq if type(seq) is int else None
 

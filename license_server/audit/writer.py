@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from typing import Any
 import structlog
 
 from license_server.audit import chain
+from license_server.background import Background, GroupCommit
 from license_server.config import AuditConfig
 from license_server.storage.state import open_private, private_folder
 from license_server.utctext import UtcText
@@ -28,7 +28,7 @@ from license_server.utctext import UtcText
 log = structlog.get_logger(__name__)
 
 _TAIL_CHUNK = 64 * 1024
-_Entry = tuple[float, dict[str, Any]]  # (unix time of the event, the record's own fields, "type" first)
+_Entry = tuple[float, Mapping[str, Any]]  # (unix time of the event, the record's own fields, "type" first)
 _RETRY_EVERY = 1.0  # seconds between attempts to write again after a failure
 
 
@@ -50,7 +50,6 @@ class AuditState:
 
     writable: bool
     error: str | None
-    failing_since: float | None
     backlog: int
     lost: int
     seq: int
@@ -256,14 +255,13 @@ class AuditLog:
         self.clock = clock
         self._files = _Files(folder, config, clock)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
-        self._pending: list[_Entry] = []
-        self._pending_done: asyncio.Future[None] | None = None
-        self._in_flight: asyncio.Future[None] | None = None
+        # Serial: each batch is chained onto the tail the one before it left.
+        self._commits = GroupCommit(self._write, self._ended, serial=True)
         self._error: str | None = None
         self._failing_since: float | None = None
         self._backlog: deque[_Entry] = deque()
         self._lost = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background()
         self.records_written = 0
         self._times = UtcText()
 
@@ -287,7 +285,7 @@ class AuditLog:
         await self._write(records)
         self.records_written += len(records)
         await self._checkpoint()
-        self._spawn(self._housekeeping())
+        self._background.spawn(self._housekeeping())
 
     @property
     def writable(self) -> bool:
@@ -300,14 +298,13 @@ class AuditLog:
         return AuditState(
             writable=self._error is None,
             error=self._error,
-            failing_since=self._failing_since,
             backlog=len(self._backlog),
             lost=self._lost,
             seq=tail.seq,
             hash=tail.hash,
         )
 
-    async def append(self, record: dict[str, Any]) -> None:
+    async def append(self, record: Mapping[str, Any]) -> None:
         """Write one record (its "type" first) before the caller answers; group-committed with others.
 
         While the trail cannot be written: with on_failure=continue the record waits in memory and this
@@ -317,15 +314,10 @@ class AuditLog:
         if self._error is not None:
             self._hold(entry)
             return
-        self._pending.append(entry)
-        if self._pending_done is None:
-            self._pending_done = asyncio.get_running_loop().create_future()
-            if self._in_flight is None:
-                asyncio.get_running_loop().call_soon(self._submit)
-        done = self._pending_done
+        batch = self._commits.add(entry)
         # Shielded: one caller going away must not cancel the batch the others wait on.
-        await asyncio.shield(done)
-        if done.result() is not None:  # the batch failed: its records were held or refused
+        await asyncio.shield(batch.done)
+        if batch.error is not None:  # the batch failed: its records were held or refused
             self._hold(entry)
 
     def _hold(self, entry: _Entry) -> None:
@@ -338,27 +330,12 @@ class AuditLog:
             self._lost += 1
         self._backlog.append(entry)
 
-    def _submit(self) -> None:
-        """Hand the pending batch to the writer thread; batches wait for the one in flight (group commit)."""
-        if self._in_flight is not None or self._pending_done is None:
-            return
-        batch, done = self._pending, self._pending_done
-        self._pending, self._pending_done = [], None
-        write = asyncio.ensure_future(self._write(batch))
-        self._in_flight = write
-        write.add_done_callback(functools.partial(self._written, batch, done))
-
-    def _written(self, batch: list[_Entry], done: asyncio.Future[Any], write: asyncio.Future[None]) -> None:
-        self._in_flight = None
-        exc = None if write.cancelled() else write.exception()
-        if exc is None:
+    def _ended(self, batch: list[_Entry], error: BaseException | None) -> None:
+        """Count a batch written, or mark the trail failing before the batch's callers hear of it."""
+        if error is None:
             self.records_written += len(batch)
-            done.set_result(None)
         else:
-            self._failed(exc)
-            done.set_result(exc)
-        if self._pending_done is not None:
-            self._submit()
+            self._failed(error)
 
     def _failed(self, exc: BaseException) -> None:
         if self._error is None:
@@ -403,9 +380,9 @@ class AuditLog:
         tick = min(_RETRY_EVERY, self.config.fsync or _RETRY_EVERY)
         while True:
             await asyncio.sleep(tick)
-            if self._error is not None and self._in_flight is None:
+            if self._error is not None and not self._commits.busy:
                 await self._retry()
-            elif self._error is None and self._in_flight is None:
+            elif self._error is None and not self._commits.busy:
                 with contextlib.suppress(OSError):
                     await self._run(self._files.sync_if_due)
             now = time.monotonic()
@@ -430,21 +407,11 @@ class AuditLog:
         if head is not None:
             log.info("audit_checkpoint", seq=head.seq, hash=head.hash, file=head.file)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def close(self) -> None:
         """Write what is pending and a stop record, make it durable, and stop the writer thread."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        while self._in_flight is not None or self._pending_done is not None:
-            if self._in_flight is not None:
-                await asyncio.wait([self._in_flight])
-            else:
-                self._submit()
+        await self._background.stop()
+        while self._commits.busy:  # calls may still append while earlier batches are written
+            await self._commits.flush()
         if self._error is not None:
             await self._retry()
         if self._error is None:
@@ -469,12 +436,7 @@ def _opened_at(path: Path) -> float:
 def _first_record(path: Path) -> dict[str, Any] | None:
     """A file's first record, or None when it has none that parses."""
     with path.open("rb") as handle:
-        line = handle.readline()
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
+        return chain.parse_record(next(chain.lines(handle), b"").rstrip(b"\n"))
 
 
 def _last_intact(path: Path) -> tuple[_Tail | None, bytes]:

@@ -12,7 +12,9 @@ import structlog
 from cachetools import LRUCache
 
 from license_server.licensing.signatures import AnswerFormatError, KeyRing, parse_signed_answer, verify_signed
-from license_server.storage.answers import Kept, Store
+from license_server.storage.answers import Kept
+from license_server.storage.interfaces import AnswerStore
+from license_server.storage.seats import License
 
 log = structlog.get_logger(__name__)
 
@@ -22,7 +24,7 @@ class _IndexedLRU(LRUCache[bytes, Kept]):
 
     def __init__(self, maxsize: int) -> None:
         super().__init__(maxsize=maxsize)
-        self.by_license: defaultdict[tuple[str, str], set[bytes]] = defaultdict(set)
+        self.by_license: defaultdict[License, set[bytes]] = defaultdict(set)
 
     def __setitem__(self, key: bytes, value: Kept, cache_setitem: Any = LRUCache.__setitem__) -> None:
         super().__setitem__(key, value)
@@ -41,7 +43,7 @@ class _IndexedLRU(LRUCache[bytes, Kept]):
 class AnswerCache:
     """Where the daemon keeps verified answers and finds them again during outages."""
 
-    def __init__(self, store: Store, keyring: KeyRing, memory_entries: int) -> None:
+    def __init__(self, store: AnswerStore, keyring: KeyRing, memory_entries: int) -> None:
         self.store = store
         self.keyring = keyring
         self._memory: _IndexedLRU | None = _IndexedLRU(memory_entries) if memory_entries > 0 else None
@@ -105,11 +107,6 @@ class AnswerCache:
         if self._memory is not None:
             self._memory.pop(cache_key, None)
         await self.store.forget_key(cache_key)
-
-    @property
-    def in_memory(self) -> int:
-        """How many kept answers are held in memory."""
-        return 0 if self._memory is None else len(self._memory)
 
 
 def _lists_machine(machine_code: str, body: bytes) -> bool:

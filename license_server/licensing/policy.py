@@ -7,14 +7,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 
 import structlog
 
+from license_server.audit.chain import Action
 from license_server.config import KeepConfig
 from license_server.licensing.cache import AnswerCache
 from license_server.licensing.license_files import LicenseFiles
-from license_server.licensing.protocol import Call, Kind, TokenFingerprints, error_body, flag
+from license_server.licensing.protocol import Call, Forward, Kind, TokenFingerprints, error_body, flag
 from license_server.licensing.signatures import (
     AnswerFormatError,
     KeyRing,
@@ -25,33 +25,20 @@ from license_server.licensing.signatures import (
 )
 from license_server.licensing.upstream import Upstream, UpstreamAnswer, UpstreamFailure
 from license_server.storage.answers import Kept
-from license_server.storage.seats import LIMIT_REACHED, SeatLedger
-from license_server.web.metrics import Metrics
+from license_server.storage.interfaces import SeatStore
+from license_server.storage.seats import LIMIT_REACHED
 
 log = structlog.get_logger(__name__)
 
 JSON = "application/json; charset=utf-8"
 
-_FLOATING = "floating:"
-_OVERDRAFT = "floating:overdraft:"
 # Upstream refusals that mean the license itself is gone, not just this call.
 _LICENSE_GONE = ("blocked", "could not find the key")
 
 
-class Action(Enum):
-    """What the daemon did with a call; every answer carries exactly one."""
-
-    FORWARDED = "forwarded"
-    KEPT_FRESH = "kept_fresh"
-    KEPT_STALE = "kept_stale"
-    LICENSE_FILE = "license_file"
-    REFUSED = "refused"  # the daemon itself said no (bad input, method not allowed)
-    UPSTREAM_FAILED = "upstream_failed"
-
-
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x on the hot path; never changed
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x on the hot path
 class Outcome:
-    """How a call was answered: the bytes for the workstation and the facts for the logs."""
+    """How a call was answered: the bytes for the workstation and the facts for the logs and metrics."""
 
     action: Action
     status: int
@@ -61,6 +48,9 @@ class Outcome:
     result: int | None = None
     message: str = ""
     failure: str | None = None  # why upstream could not answer, when it could not
+    failure_kind: str | None = None  # and the kind of that failure (timeout, ...), when upstream was asked
+    upstream_latency: float | None = None  # seconds upstream took to answer, when it did
+    retried: bool = False  # upstream was asked twice (a connection that never opened, a read that failed)
     age: float | None = None  # age in seconds of a kept answer or license file served
     # An activation that holds a seat by this answer: upstream's answer names the machine (when signed and
     # checkable), or a kept answer or license file naming it was served within the seat bound.
@@ -72,42 +62,72 @@ class Outcome:
         return cls(Action.REFUSED, status, error_body(message), result=1, message=message)
 
 
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What a reload replaces as one: the egress, the vendor keys, the license files and kept-answer rules."""
+
+    upstream: Upstream | None  # None in offline mode: nothing ever leaves the machine
+    keyring: KeyRing
+    files: LicenseFiles
+    keep: KeepConfig
+
+
 class Licensing:
     """The daemon's answering policy, independent of HTTP plumbing."""
 
     def __init__(
         self,
         *,
-        upstream: Upstream | None,
+        rules: Rules,
         cache: AnswerCache,
-        files: LicenseFiles,
-        keyring: KeyRing,
-        keep: KeepConfig,
         secret: bytes,
-        seats: SeatLedger,
-        metrics: Metrics,
+        seats: SeatStore,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.upstream = upstream  # None in offline mode: nothing ever leaves the machine
         self.cache = cache
-        self.files = files
-        self.keyring = keyring
-        self.keep = keep
+        self.rules = rules
         self.fingerprints = TokenFingerprints(secret)
         self.seats = seats
-        self.metrics = metrics
         self.clock = clock
         self.stale_served = 0
         self._offline = UpstreamFailure("offline mode is on", kind="offline", status=503)  # never raised
 
-    async def answer(
-        self, call: Call, http_method: str, body: bytes, raw_query: str, content_type: str | None, client: str
-    ) -> Outcome:
+    @property
+    def rules(self) -> Rules:
+        """The rules in force; a reload replaces them whole, and calls that start after it follow the new."""
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: Rules) -> None:
+        self._rules = rules
+        self.cache.keyring = rules.keyring  # answers read back from disk are checked with the keys in force
+
+    @property
+    def upstream(self) -> Upstream | None:
+        """The egress in force; None in offline mode."""
+        return self._rules.upstream
+
+    @property
+    def keyring(self) -> KeyRing:
+        """The vendor keys in force."""
+        return self._rules.keyring
+
+    @property
+    def files(self) -> LicenseFiles:
+        """The license files in force."""
+        return self._rules.files
+
+    @property
+    def keep(self) -> KeepConfig:
+        """The kept-answer rules in force."""
+        return self._rules.keep
+
+    async def answer(self, call: Call, forward: Forward, client: str) -> Outcome:
         """Answer one allowlisted call, and note in the seat ledger a machine whose activation was licensed.
 
         Refused, failed and denied activations stay out of the ledger's machines: the audit trail has them.
         """
-        outcome = await self._decide(call, http_method, body, raw_query, content_type)
+        outcome = await self._decide(call, forward)
         if outcome.licensed and call.kind is Kind.ACTIVATE and call.license_key and call.machine_code:
             self.seats.seen(
                 call.license,
@@ -118,9 +138,7 @@ class Licensing:
             )
         return outcome
 
-    async def _decide(
-        self, call: Call, http_method: str, body: bytes, raw_query: str, content_type: str | None
-    ) -> Outcome:
+    async def _decide(self, call: Call, forward: Forward) -> Outcome:
         """Upstream first (unless offline or fresh enough), falling back to kept answers and files."""
         cache_key = call.cache_key(self.fingerprints) if call.keepable else None
         if self.upstream is None:
@@ -132,21 +150,14 @@ class Licensing:
         coalesce = cache_key if call.kind is Kind.GETKEY else None
         try:
             answered, signed = await self.upstream.call(
-                call.method,
-                http_method,
-                body,
-                raw_query,
-                content_type,
-                judge=functools.partial(self._judge, call),
-                coalesce_key=coalesce,
+                forward, judge=functools.partial(self._judge, call), coalesce_key=coalesce
             )
         except UpstreamFailure as failure:
-            self.metrics.upstream.labels(failure.kind).inc()
-            return await self._fallback(call, cache_key, failure)
-        self.metrics.upstream_latency.observe(answered.latency)
-        outcome = await self._on_answer(call, cache_key, answered, signed)
-        self.metrics.upstream.labels("answered" if outcome.result == 0 else "refused").inc()
-        return outcome
+            outcome = await self._fallback(call, cache_key, failure)
+            # Only here, not in _fallback: offline mode's stand-in failure is no failure of upstream's.
+            outcome.failure_kind, outcome.retried = failure.kind, failure.retried
+            return outcome
+        return await self._on_answer(call, cache_key, answered, signed)
 
     def _judge(self, call: Call, answered: UpstreamAnswer) -> SignedLicense | None:
         """Upstream.call's judge: UpstreamFailure for an unusable answer, else the verified license if any."""
@@ -174,6 +185,8 @@ class Licensing:
             upstream_status=answered.status,
             result=answer.result,
             message=answer.message,
+            upstream_latency=answered.latency,
+            retried=answered.retried,
             licensed=licensed,
         )
         if answer.result != 0:
@@ -248,13 +261,11 @@ class Licensing:
             return
         seconds: float = call.floating_interval
         overdraft = False
-        if signed is not None:
-            for prefix, is_overdraft in ((_OVERDRAFT, True), (_FLOATING, False)):
-                expires = signed.floating_expires.get(prefix + call.machine_code)
-                if expires is not None and signed.sign_date is not None:
-                    # Both times are upstream's: their difference does not depend on this machine's clock.
-                    seconds, overdraft = max(0, expires - signed.sign_date), is_overdraft
-                    break
+        if signed is not None and signed.sign_date is not None:
+            lease = signed.floating_lease(call.machine_code)
+            if lease is not None:
+                # Both times are upstream's: their difference does not depend on this machine's clock.
+                seconds, overdraft = max(0, lease[0] - signed.sign_date), lease[1]
         await self.seats.granted(call.license, call.machine_code, seconds, overdraft=overdraft)
 
     async def _on_refusal(self, call: Call, cache_key: bytes | None, message: str) -> None:

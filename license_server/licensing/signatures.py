@@ -37,6 +37,9 @@ _MAX_KEY_TEXT_CHARS = 64 * 1024
 _PRIVATE_XML_PARTS = frozenset({"P", "Q", "DP", "DQ", "InverseQ", "D"})
 _PEM_LABEL = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
 _WHITESPACE = re.compile(r"\s+")
+# How Cryptolens lists a floating activation among ActivatedMachines: the machine code behind a prefix.
+_FLOATING = "floating:"
+_OVERDRAFT = "floating:overdraft:"  # a seat taken beyond the limit, as MaxOverdraft allows
 
 
 class KeyFormatError(ValueError):
@@ -254,8 +257,16 @@ class SignedLicense:
         """Whether the license lists `machine_code` as a node-locked or floating activation."""
         if not machine_code:
             return False
-        wanted = {machine_code, "floating:" + machine_code, "floating:overdraft:" + machine_code}
+        wanted = {machine_code, _FLOATING + machine_code, _OVERDRAFT + machine_code}
         return any(mid in wanted for mid in self.machines)
+
+    def floating_lease(self, machine_code: str) -> tuple[int, bool] | None:
+        """When the machine's floating activation expires (upstream's time) and whether it is an overdraft."""
+        for prefix, overdraft in ((_OVERDRAFT, True), (_FLOATING, False)):
+            expires = self.floating_expires.get(prefix + machine_code)
+            if expires is not None:
+                return expires, overdraft
+        return None
 
 
 def _casefold_fields(obj: Mapping[Any, Any], what: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from yarl import URL
 
 from license_server import __version__
 from license_server.config import BreakerConfig, RetryConfig, UpstreamConfig
-from license_server.licensing.protocol import Answer, parse_answer
+from license_server.licensing.protocol import Answer, Forward, parse_answer
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +43,7 @@ class UpstreamAnswer:
     content_type: str
     answer: Answer | None
     latency: float
+    retried: bool = False  # the answer to a second try
 
 
 class UpstreamFailure(Exception):
@@ -56,6 +57,7 @@ class UpstreamFailure(Exception):
         self.kind = kind  # a short word for metrics: timeout, unreachable, tls, http_5xx, invalid, ...
         self.status = status
         self.upstream_status = upstream_status
+        self.retried = False  # the failure of a second try
 
 
 class BreakerState(Enum):
@@ -218,8 +220,6 @@ class Upstream:
         self._base = config.url.rstrip("/") + "/api/"
         # coalesced calls share the answer and its verdict (the judge of the first caller, same cache key)
         self._inflight: dict[bytes, asyncio.Future[tuple[UpstreamAnswer, Any]]] = {}
-        self.calls_sent = 0
-        self.retries_sent = 0
 
     def url_for(self, method: str, raw_query: str) -> URL:
         """The upstream URL of an API method: built from configuration only, never from the request."""
@@ -228,11 +228,7 @@ class Upstream:
 
     async def call(
         self,
-        method: str,
-        http_method: str,
-        body: bytes,
-        raw_query: str,
-        content_type: str | None,
+        forward: Forward,
         *,
         judge: Callable[[UpstreamAnswer], T],
         coalesce_key: bytes | None = None,
@@ -244,23 +240,17 @@ class Upstream:
         caller's metrics all take its word, so every way upstream can fail counts the same.
         """
         if coalesce_key is None:
-            return await self._guarded(method, http_method, body, raw_query, content_type, judge)
+            return await self._guarded(forward, judge)
         if (shared := self._inflight.get(coalesce_key)) is not None:
             return await asyncio.shield(shared)  # the same call: the first caller's judge's verdict
-        task = asyncio.ensure_future(self._guarded(method, http_method, body, raw_query, content_type, judge))
+        task = asyncio.ensure_future(self._guarded(forward, judge))
         self._inflight[coalesce_key] = task
         task.add_done_callback(lambda _: self._inflight.pop(coalesce_key, None))
         # Shielded so that the first caller going away does not cancel the call the others wait for.
         return await asyncio.shield(task)
 
     async def _guarded(
-        self,
-        method: str,
-        http_method: str,
-        body: bytes,
-        raw_query: str,
-        content_type: str | None,
-        judge: Callable[[UpstreamAnswer], T],
+        self, forward: Forward, judge: Callable[[UpstreamAnswer], T]
     ) -> tuple[UpstreamAnswer, T]:
         """One call through the breaker, tried once more if it never left or only reads, budget allowing."""
         loop = asyncio.get_running_loop()
@@ -273,11 +263,11 @@ class Upstream:
                 status=503,
             )
         self.retry_budget.called()
-        send = functools.partial(self._send, method, http_method, body, raw_query, content_type)
+        send = functools.partial(self._send, forward)
         try:
             return await self._attempt(send, judge, None)
         except UpstreamFailure as failure:
-            if not (_never_sent(failure) or (method in _IDEMPOTENT and failure.kind in _RETRYABLE)):
+            if not (_never_sent(failure) or (forward.method in _IDEMPOTENT and failure.kind in _RETRYABLE)):
                 raise  # it may have reached upstream, and repeating it could change state twice
             pause = random.uniform(0, _RETRY_JITTER)  # noqa: S311 (spreading retries, not a secret)
             if loop.time() + pause >= deadline or not self.retry_budget.withdraw():
@@ -285,8 +275,13 @@ class Upstream:
             await asyncio.sleep(pause)
             if not self.breaker.allow():  # the failure may have opened it: a retry is no way around it
                 raise
-        self.retries_sent += 1
-        return await self._attempt(send, judge, deadline)
+        try:
+            answer, verdict = await self._attempt(send, judge, deadline)
+        except UpstreamFailure as failure:
+            failure.retried = True
+            raise
+        answer.retried = True
+        return answer, verdict
 
     async def _attempt(
         self,
@@ -318,18 +313,16 @@ class Upstream:
         self.breaker.succeeded()
         return answer, verdict
 
-    async def _send(
-        self, method: str, http_method: str, body: bytes, raw_query: str, content_type: str | None
-    ) -> UpstreamAnswer:
-        headers = {"Content-Type": content_type} if http_method == "POST" and content_type else {}
-        url = self.url_for(method, raw_query)
+    async def _send(self, forward: Forward) -> UpstreamAnswer:
+        post = forward.http_method == "POST"
+        headers = {"Content-Type": forward.content_type} if post and forward.content_type else {}
+        url = self.url_for(forward.method, forward.raw_query)
         started = time.monotonic()
-        self.calls_sent += 1
         try:
             async with self.session.request(
-                http_method,
+                forward.http_method,
                 url,
-                data=body if http_method == "POST" else None,
+                data=forward.body if post else None,
                 headers=headers,
                 allow_redirects=False,
                 proxy=self.config.proxy,

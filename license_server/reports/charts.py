@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from license_server.audit.search import printable
 from license_server.reports.seats import LicenseUsage, SeatReport
+from license_server.reports.tables import printable
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

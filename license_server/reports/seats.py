@@ -1,26 +1,29 @@
-"""Seat and machine reports from the seat ledger, read from another process while the daemon writes it."""
+"""The seat report: what a snapshot of the seat ledger adds up to (sweeps, buckets, peaks)."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import itertools
 import math
 import operator
-import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple, TextIO
 
-from license_server.audit.search import aligned, csv_value, printable, write_json
+from license_server.reports.tables import (
+    cell,
+    csv_value,
+    iso,
+    printable,
+    write_json,
+    write_prepared_csv,
+    write_table,
+)
+from license_server.storage.interfaces import SeatSnapshot
+from license_server.storage.seats import License, Window
 
-LEDGER_NAME = "seats.sqlite3"
 EMPTY_SEATS = "(no seat activity in this range)"
-EMPTY_MACHINES = "(no matching machines)"
 EVERY: Mapping[str, int] = MappingProxyType({"hour": 3600, "day": 86400, "week": 7 * 86400})
 DAY = 86400
 _WEEK_OFFSET = 4 * DAY  # 1970-01-01 was a Thursday: ISO weeks start 4 days later, on a Monday
@@ -35,100 +38,9 @@ SEAT_COLUMNS: tuple[str, ...] = (
     "distinct_machines",
     "denials",
 )
-MACHINE_COLUMNS: tuple[str, ...] = (
-    "friendly_name",
-    "product_id",
-    "key",
-    "machine_code",
-    "first_seen",
-    "last_seen",
-    "client",
-    "calls",
-    "floating",
-    "deactivated",
-    "idle_days",
-)
 _SEAT_NUMBERS = frozenset(SEAT_COLUMNS[3:])
-_MACHINE_NUMBERS = frozenset({"calls", "idle_days"})
 
-License = tuple[str, str]  # (product id, license key as the ledger holds it)
 Span = tuple[str, int, int]  # a machine present from one bucket to another, both included
-
-# Leases live within the range, cut to it; a lease is live on [started, end), a release ends it early.
-_LEASES = (
-    "SELECT machine_code, start, stop FROM ("
-    " SELECT machine_code, max(started, :since) AS start,"
-    "  min(CASE WHEN released IS NOT NULL AND released < expires THEN released ELSE expires END, :until)"
-    "  AS stop"
-    " FROM leases WHERE product_id = :product AND license_key = :key"
-    "  AND started < :until AND expires > :since"
-    ") WHERE stop > start"
-)
-# Each call row's bucket: the hour that holds `since` counts whole, as the ledger keeps calls by the hour.
-# `(hour - origin + size) / size - 1` floors as math.floor does for every hour from one bucket before the
-# first on, which is as early as that hour can be; a machine is node-locked where it called without a seat.
-_CALLED = (
-    "SELECT (hour - :origin + :size) / :size - 1 AS bucket, machine_code, floating = 0 AS node_locked"
-    " FROM activity WHERE product_id = :product AND license_key = :key AND hour >= :hour AND hour < :until"
-)
-# For a license without leases in the range, SQL counts each bucket's machines, and node-locked ones.
-_PRESENT = (
-    "SELECT bucket, count(DISTINCT machine_code),"  # noqa: S608
-    " count(DISTINCT CASE WHEN node_locked THEN machine_code END)"
-    f" FROM ({_CALLED}) GROUP BY bucket"
-)
-# For one with leases, presence() adds their machines to these: each machine that called in a bucket, once,
-# whether it was node-locked there, in bucket order.
-_CALLERS = f"SELECT bucket, machine_code, max(node_locked) FROM ({_CALLED}) GROUP BY bucket, machine_code"  # noqa: S608
-_DENIALS = (
-    "SELECT CAST((time - :origin) / :size AS INTEGER) AS bucket, count(*) FROM denials"
-    " WHERE product_id = :product AND license_key = :key AND time >= :since AND time < :until GROUP BY bucket"
-)
-_MACHINES = (
-    "SELECT friendly_name, product_id, license_key, machine_code, first_seen, last_seen, client, calls,"
-    " floating, deactivated FROM machines"
-)
-_LIMIT = "SELECT max_machines FROM licenses WHERE product_id = ? AND license_key = ?"
-# Tables with an index that starts with (product_id, license_key): their licenses are found by seeks.
-_LICENSE_TABLES = ("leases", "activity", "denials")
-
-
-class LedgerMissingError(Exception):
-    """The seat ledger file does not exist: the daemon has not run with this state_dir."""
-
-    def __init__(self, path: Path) -> None:
-        """Keep the path that was looked for."""
-        super().__init__(f"no seat ledger at {path} yet: the daemon has not run with this state_dir")
-        self.path = path
-
-
-def ledger_path(state_dir: Path) -> Path:
-    """Where the daemon keeps its seat ledger."""
-    return state_dir / LEDGER_NAME
-
-
-def open_ledger(path: Path) -> sqlite3.Connection:
-    """Open the ledger read-only (the daemon may be writing it); LedgerMissingError if there is none."""
-    if not path.is_file():
-        raise LedgerMissingError(path)
-    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None)
-
-
-@contextlib.contextmanager
-def _snapshot(db: sqlite3.Connection) -> Iterator[None]:
-    """One read transaction, so that every query of a report sees the same moment of the ledger."""
-    db.execute("BEGIN")
-    try:
-        yield
-    finally:
-        db.execute("ROLLBACK")
-
-
-def iso(moment: float | None) -> str | None:
-    """A unix time as ISO 8601 UTC to the second, e.g. 2026-11-01T00:00:00Z; None stays None."""
-    if moment is None:
-        return None
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- buckets and the sweep --------------------------------------------------------------------------
@@ -310,61 +222,32 @@ class SeatReport:
             yield from usage.rows
 
 
-def seat_report(db: sqlite3.Connection, query: SeatQuery, *, max_steps: int = 0) -> SeatReport:
+def seat_report(ledger: SeatSnapshot, query: SeatQuery, *, max_steps: int = 0) -> SeatReport:
     """Peak floating seats, machines and denials per license and bucket; keeps up to max_steps changes."""
     if query.until <= query.since:
         raise ValueError("--until must be later than --since")
     buckets = Buckets.covering(query.since, query.until, query.every)
-    with _snapshot(db):
-        found = (_usage(db, license, query, buckets, max_steps) for license in _licenses(db, query))
-        return SeatReport(query, buckets, tuple(usage for usage in found if usage.rows))
+    window = Window(query.since, query.until, buckets.origin, buckets.size)
+    found = (_usage(ledger, license, window, buckets, max_steps) for license in _licenses(ledger, query))
+    return SeatReport(query, buckets, tuple(usage for usage in found if usage.rows))
 
 
-def _licenses(db: sqlite3.Connection, query: SeatQuery) -> list[License]:
+def _licenses(ledger: SeatSnapshot, query: SeatQuery) -> list[License]:
     """The licenses with leases, activity or denials ever, narrowed by the query's product and key."""
-    found: set[License] = set()
-    for table in _LICENSE_TABLES:
-        found.update(_distinct_licenses(db, table, query.product))
+    found = ledger.licenses(query.product)
     if query.key is not None:
         wanted = query.key.casefold()
-        found = {(product, key) for product, key in found if key.casefold() == wanted}
-    return sorted(found)
-
-
-def _distinct_licenses(db: sqlite3.Connection, table: str, product: str | None) -> Iterator[License]:
-    """A table's distinct (product, key), each found by one seek in an index that starts with them."""
-    # `x >= ?` seeks past all the entries before it at once; `(a, b) > (?, ?)` steps over them one by one.
-    products = f"SELECT product_id FROM {table} WHERE product_id >= ? ORDER BY 1 LIMIT 1"  # noqa: S608
-    keys = f"SELECT license_key FROM {table} WHERE product_id = ? AND license_key >= ? ORDER BY 1 LIMIT 1"  # noqa: S608
-    for each in [product] if product is not None else _seek_each(db, products, ()):
-        yield from ((each, key) for key in _seek_each(db, keys, (each,)))
-
-
-def _seek_each(db: sqlite3.Connection, sql: str, params: tuple[str, ...]) -> Iterator[str]:
-    """Each value found by seeking the first at or after a text (the last parameter): a skip-scan by hand."""
-    row = db.execute(sql, (*params, "")).fetchone()
-    while row is not None:
-        yield str(row[0])
-        # The smallest text after x is x followed by NUL (texts compare as bytes).
-        row = db.execute(sql, (*params, f"{row[0]}\0")).fetchone()
+        found = [(product, key) for product, key in found if key.casefold() == wanted]
+    return found
 
 
 def _usage(
-    db: sqlite3.Connection, license: License, query: SeatQuery, buckets: Buckets, max_steps: int
+    ledger: SeatSnapshot, license: License, window: Window, buckets: Buckets, max_steps: int
 ) -> LicenseUsage:
     """One license's rows for the buckets that saw a lease, activity or a denial."""
     product, key = license
-    limit = _limit(db, license)
-    params = {
-        "product": product,
-        "key": key,
-        "since": query.since,
-        "until": query.until,
-        "hour": math.floor(query.since / EVERY["hour"]) * EVERY["hour"],
-        "origin": buckets.origin,
-        "size": buckets.size,
-    }
-    leases: list[tuple[str, float, float]] = db.execute(_LEASES, params).fetchall()
+    limit = ledger.limit(license)
+    leases = ledger.leases(license, window)
     seats = sweep([row[1] for row in leases], [row[2] for row in leases], buckets, max_steps=max_steps)
     machines: dict[int, int] = {}
     node_locked: dict[int, int] = {}
@@ -372,7 +255,7 @@ def _usage(
     # and every bucket of every lease sorted, which is slower for licenses with many leases.
     if leases:
         spans: list[Span] = []
-        for index, machine, locked in db.execute(_CALLERS, params):
+        for index, machine, locked in ledger.callers(license, window):
             spans.append((machine, index, index))
             if locked:
                 node_locked[index] = node_locked.get(index, 0) + 1
@@ -380,11 +263,11 @@ def _usage(
         spans.sort(key=operator.itemgetter(1))  # as presence wants them; two sorted runs merge in one pass
         machines = presence(spans)
     else:
-        for index, distinct, locked in db.execute(_PRESENT, params):
+        for index, distinct, locked in ledger.presence(license, window):
             machines[index] = distinct
             if locked:
                 node_locked[index] = locked
-    denials: dict[int, int] = dict(db.execute(_DENIALS, params).fetchall())
+    denials = ledger.denials(license, window)
     peaks = seats.peaks
     origin, size = buckets.origin, buckets.size
     rows = tuple(
@@ -402,12 +285,6 @@ def _usage(
     )
     steps = tuple(seats.steps) if seats.steps is not None else None
     return LicenseUsage(product, key, limit, rows, steps)
-
-
-def _limit(db: sqlite3.Connection, license: License) -> int | None:
-    """The license's seat limit (0: none), or None if no signed license was seen."""
-    row = db.execute(_LIMIT, license).fetchone()
-    return None if row is None else int(row[0])
 
 
 def _lease_spans(leases: list[tuple[str, float, float]], buckets: Buckets) -> list[Span]:
@@ -441,64 +318,6 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-# --- the machines report ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MachineQuery:
-    """Which machines to list; `now` is unix seconds, for idle days."""
-
-    now: float
-    idle_days: int | None = None  # only machines not seen for this long, and not deactivated
-    name: str | None = None  # part of the friendly name, any case
-    product: str | None = None  # product id, exact
-    key: str | None = None  # license key, any case
-
-
-def machines(db: sqlite3.Connection, query: MachineQuery) -> list[dict[str, object]]:
-    """The machines the query asks for: longest idle first with idle_days, else by name and key."""
-    conditions: list[str] = ["1"]
-    params: list[object] = []
-    if query.product is not None:
-        conditions.append("product_id = ?")
-        params.append(query.product)
-    if query.key is not None:
-        conditions.append("license_key = ? COLLATE NOCASE")
-        params.append(query.key)
-    order = "friendly_name COLLATE NOCASE, license_key, product_id, machine_code"
-    if query.idle_days is not None:
-        conditions.append("last_seen <= ? AND deactivated IS NULL")
-        params.append(query.now - query.idle_days * DAY)
-        order = f"last_seen, {order}"
-    where = " AND ".join(conditions)
-    sql = f"{_MACHINES} WHERE {where} ORDER BY {order}"
-    wanted = query.name.casefold() if query.name is not None else None
-    rows = db.execute(sql, params).fetchall()
-    # In Python, not LIKE: SQLite folds only ASCII letters, and names are often not English.
-    return [_machine(row, query.now) for row in rows if wanted is None or wanted in str(row[0]).casefold()]
-
-
-def _machine(row: Sequence[object], now: float) -> dict[str, object]:
-    """One machines row as the report shows it."""
-    name, product, key, code, first_seen, last_seen, client, calls, floating, deactivated = row
-    assert isinstance(first_seen, float | int)
-    assert isinstance(last_seen, float | int)
-    assert deactivated is None or isinstance(deactivated, float | int)
-    return {
-        "friendly_name": name,
-        "product_id": product,
-        "key": key,
-        "machine_code": code,
-        "first_seen": iso(first_seen),
-        "last_seen": iso(last_seen),
-        "client": client,
-        "calls": calls,
-        "floating": bool(floating),
-        "deactivated": iso(deactivated),
-        "idle_days": max(0, int((now - last_seen) // DAY)),
-    }
-
-
 # --- output -----------------------------------------------------------------------------------------
 
 
@@ -508,28 +327,11 @@ def write_seats(report: SeatReport, out: TextIO, form: str) -> int:
         return _write_seat_table(report, out)
     if form == "json":
         return write_json((row.as_dict() for row in report.rows()), out)
-    return _write_seat_csv(report, out)
-
-
-def write_machines(rows: list[dict[str, object]], out: TextIO, form: str) -> int:
-    """Write the machines report as a table, CSV or JSON lines; returns how many rows."""
-    if form == "json":
-        return write_json(rows, out)
-    if form == "csv":
-        return _write_csv(rows, MACHINE_COLUMNS, out)
-    if not rows:
-        out.write(EMPTY_MACHINES + "\n")
-        return 0
-    cells = [[_cell(row[column]) for column in MACHINE_COLUMNS] for row in rows]
-    _write_table(cells, MACHINE_COLUMNS, _MACHINE_NUMBERS, out, footers={})
-    return len(rows)
+    return write_prepared_csv(SEAT_COLUMNS, _seat_csv_rows(report), out)
 
 
 def _write_seat_table(report: SeatReport, out: TextIO) -> int:
     """The seat rows as aligned columns, each license's rows followed by its summary line."""
-    if not report.licenses:
-        out.write(EMPTY_SEATS + "\n")
-        return 0
     cells: list[list[str]] = []
     footers: dict[int, str] = {}  # after which row each summary goes
     for usage in report.licenses:
@@ -537,82 +339,33 @@ def _write_seat_table(report: SeatReport, out: TextIO) -> int:
             [_seat_cell(column, value) for column, value in row.as_dict().items()] for row in usage.rows
         )
         footers[len(cells) - 1] = license_summary(usage)
-    _write_table(cells, SEAT_COLUMNS, _SEAT_NUMBERS, out, footers=footers)
-    return len(cells)
+    return write_table(
+        SEAT_COLUMNS, cells, out, empty=EMPTY_SEATS, right_aligned=_SEAT_NUMBERS, footers=footers
+    )
 
 
 def _seat_cell(column: str, value: object) -> str:
     """One cell of the seat table: a limit of 0 reads 'none', an unknown one '?'."""
     if column == "seat_limit":
         return "?" if value is None else "none" if value == 0 else str(value)
-    return _cell(value)
+    return cell(value)
 
 
-def _cell(value: object) -> str:
-    """One table cell: null as '-', booleans as yes/no, control characters escaped."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return printable(str(value))
-
-
-def _write_table(
-    cells: list[list[str]],
-    columns: Sequence[str],
-    numbers: frozenset[str],
-    out: TextIO,
-    *,
-    footers: dict[int, str],
-) -> None:
-    """Aligned columns under a header; a footer line (and a blank line) after the rows footers name."""
-    widths = [max(len(column), *(len(row[index]) for row in cells)) for index, column in enumerate(columns)]
-    out.write(aligned(columns, widths, columns, numbers))
-    for number, row in enumerate(cells):
-        out.write(aligned(row, widths, columns, numbers))
-        if number in footers:
-            out.write(f"  {footers[number]}\n" + ("\n" if number + 1 < len(cells) else ""))
-
-
-def _write_seat_csv(report: SeatReport, out: TextIO) -> int:
-    """The seat rows as CSV, as _write_csv writes them, a license at a time."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(SEAT_COLUMNS)
-    stamps: dict[int, str | None] = {}  # interval starts repeat across licenses: each is formatted once
-    written = 0
+def _seat_csv_rows(report: SeatReport) -> Iterator[tuple[object, ...]]:
+    """The seat rows as CSV cells, a license at a time, each repeated cell made once."""
+    stamps: dict[int, object] = {}  # interval starts repeat across licenses
     for usage in report.licenses:
         product, key = csv_value(usage.product_id), csv_value(usage.key)  # a workstation chose these
         for row in usage.rows:
             start = row.interval_start
-            stamp = stamps[start] if start in stamps else stamps.setdefault(start, iso(start))
-            limit = "" if row.seat_limit is None else row.seat_limit
-            writer.writerow(
-                (
-                    product,
-                    key,
-                    stamp,
-                    row.peak_seats,
-                    limit,
-                    row.node_locked_machines,
-                    row.distinct_machines,
-                    row.denials,
-                )
+            stamp = stamps[start] if start in stamps else stamps.setdefault(start, csv_value(iso(start)))
+            yield (
+                product,
+                key,
+                stamp,
+                row.peak_seats,
+                "" if row.seat_limit is None else row.seat_limit,
+                row.node_locked_machines,
+                row.distinct_machines,
+                row.denials,
             )
-        written += len(usage.rows)
-    return written
-
-
-def _write_csv(rows: list[dict[str, object]], columns: Sequence[str], out: TextIO) -> int:
-    """A header and one line per row: null empty, booleans true/false."""
-    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({column: _csv_cell(row[column]) for column in columns})
-    return len(rows)
-
-
-def _csv_cell(value: object) -> object:
-    """A CSV cell, booleans spelt as in JSON."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return csv_value(value)

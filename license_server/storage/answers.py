@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import structlog
 
+from license_server.storage.seats import License
 from license_server.storage.sqlite import SqliteWorker
 
 log = structlog.get_logger(__name__)
@@ -57,7 +58,7 @@ class Kept:
     body: bytes
 
     @property
-    def license(self) -> tuple[str, str]:
+    def license(self) -> License:
         """The (product, key) this answer is about."""
         return (self.product_id, self.license_key)
 
@@ -66,14 +67,14 @@ class Store:
     """SQLite-backed kept answers; reads see writes still queued."""
 
     def __init__(self, path: Path) -> None:
-        self.db = SqliteWorker(path, _SCHEMA)
+        self._db = SqliteWorker(path, _SCHEMA)
         self._pending: dict[bytes, Kept] = {}
         self._kept = 0  # set on the worker thread, from the count the database keeps
 
     async def open(self) -> int:
         """Open (or create, or set aside a corrupt) database; returns the number of kept answers."""
-        await self.db.open()
-        await self.db.run(self._recount)
+        await self._db.open()
+        await self._db.run(self._recount)
         return self._kept
 
     @property
@@ -94,7 +95,7 @@ class Store:
     def put(self, kept: Kept) -> asyncio.Future[None]:
         """Queue an answer for writing; the future is done once it is committed (or the write failed)."""
         self._pending[kept.cache_key] = kept
-        done = self.db.write(self._counting(lambda db: _put(db, kept)))
+        done = self._db.write(self._counting(lambda db: _put(db, kept)))
         done.add_done_callback(lambda _: self._landed(kept))
         return done
 
@@ -106,7 +107,7 @@ class Store:
         """The kept answer for a cache key, or None; a row whose digest does not match is dropped."""
         if (pending := self._pending.get(cache_key)) is not None:
             return pending
-        return await self.db.run(self._counting(lambda db: _get(db, cache_key)))
+        return await self._db.run(self._counting(lambda db: _get(db, cache_key)))
 
     def _counting(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
         """`fn`, followed by taking the count it may have changed."""
@@ -123,8 +124,8 @@ class Store:
         for key in [k for k, v in self._pending.items() if v.license == (product_id, license_key)]:
             if machine_code is None or self._pending[key].machine_code == machine_code:
                 del self._pending[key]
-        self.db.submit()  # queued writes land first, so a forget is never undone by them
-        return await self.db.run(
+        self._db.submit()  # queued writes land first, so a forget is never undone by them
+        return await self._db.run(
             self._counting(lambda db: _forget(db, product_id, license_key, machine_code))
         )
 
@@ -137,30 +138,37 @@ class Store:
                 kept.machine_code == machine_code or (kept.machine_code == "" and lists(kept.body))
             ):
                 del self._pending[key]
-        self.db.submit()  # queued writes land first, so a forget is never undone by them
-        return await self.db.run(
+        self._db.submit()  # queued writes land first, so a forget is never undone by them
+        return await self._db.run(
             self._counting(lambda db: _forget_machine(db, product_id, license_key, machine_code, lists))
         )
 
     async def forget_key(self, cache_key: bytes) -> None:
         """Drop one kept answer."""
         self._pending.pop(cache_key, None)
-        self.db.submit()
-        await self.db.run(self._counting(lambda db: _forget_key(db, cache_key)))
+        self._db.submit()
+        await self._db.run(self._counting(lambda db: _forget_key(db, cache_key)))
+
+    async def kept_activations(
+        self, product_id: str, license_key: str, machine_code: str
+    ) -> list[tuple[bytes, float]]:
+        """A machine's kept Activate answers as (body, fetched at), newest first; the caller verifies them."""
+        await self._db.flush()
+        return await self._db.run(lambda db: _activations(db, product_id, license_key, machine_code))
 
     async def count(self) -> int:
         """How many answers are kept on disk (queued writes included once landed)."""
-        await self.db.flush()
-        count: int = await self.db.run(lambda db: db.execute("SELECT count(*) FROM answers").fetchone()[0])
+        await self._db.flush()
+        count: int = await self._db.run(lambda db: db.execute("SELECT count(*) FROM answers").fetchone()[0])
         return count
 
     async def flush(self) -> None:
         """Wait until every queued write has landed."""
-        await self.db.flush()
+        await self._db.flush()
 
     async def close(self) -> None:
         """Flush queued writes and close the database."""
-        await self.db.close()
+        await self._db.close()
 
 
 def _put(db: sqlite3.Connection, kept: Kept) -> None:
@@ -199,6 +207,18 @@ def _get(db: sqlite3.Connection, cache_key: bytes) -> Kept | None:
         _forget_key(db, cache_key)
         return None
     return Kept(cache_key, method, product_id, license_key, machine_code, float(fetched_at), body)
+
+
+def _activations(
+    db: sqlite3.Connection, product_id: str, license_key: str, machine_code: str
+) -> list[tuple[bytes, float]]:
+    """The Activate rows of one machine, newest first."""
+    rows = db.execute(
+        "SELECT body, fetched_at FROM answers WHERE product_id = ? AND license_key = ? AND machine_code = ?"
+        " AND method = 'key/activate' ORDER BY fetched_at DESC",
+        (product_id, license_key, machine_code),
+    ).fetchall()
+    return [(bytes(body), float(fetched)) for body, fetched in rows]
 
 
 def _forget(db: sqlite3.Connection, product_id: str, license_key: str, machine_code: str | None) -> int:

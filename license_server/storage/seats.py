@@ -3,15 +3,20 @@
 Live leases are timed on CLOCK_BOOTTIME, which neither jumps with the wall clock nor restarts with the
 daemon; the wall-clock times kept beside them are for reports. After a reboot, leases fall back to their
 wall-clock expiry, the best there is.
+
+The read side (`SqliteSeatReader`) serves reports and the console: read-only connections, one consistent
+snapshot at a time, from the daemon's process or another one while the daemon writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -163,7 +168,8 @@ class SeatLedger:
         lease_clock: LeaseClock,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.db = SqliteWorker(path, SCHEMA)
+        self._db = SqliteWorker(path, SCHEMA)
+        self.reader = SqliteSeatReader(path)
         self.clock = clock
         self.lease_clock = lease_clock
         self._live: dict[License, dict[str, Lease]] = {}
@@ -171,11 +177,11 @@ class SeatLedger:
         self._next_id = 1
         self._seen: dict[tuple[str, str, str], _Seen] = {}
         self._activity: dict[tuple[str, str, int, str], list[int]] = {}  # -> [calls, floating]
-        self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> int:
         """Open the ledger and load limits and live leases; returns how many leases are live."""
-        await self.db.open()
+        await self._db.open()
         boot_id, boot_now, wall_now = self.lease_clock.boot_id, self.lease_clock.now(), self.clock()
 
         def load(db: sqlite3.Connection) -> tuple[list[tuple[str, str, int]], list[_Row], int]:
@@ -190,7 +196,7 @@ class SeatLedger:
             top = db.execute("SELECT coalesce(max(id), 0) FROM leases").fetchone()[0]
             return limits, leases, int(top)
 
-        limits, rows, top = await self.db.run(load)
+        limits, rows, top = await self._db.run(load)
         self._limits = {(p, k): n for p, k, n in limits}
         self._next_id = top + 1
         carried: list[Lease] = []
@@ -215,13 +221,18 @@ class SeatLedger:
             db.executemany("UPDATE leases SET open = 0 WHERE id = ?", [(i,) for i in ended])
 
         if carried or ended:
-            await self.db.write(settle)
+            await self._db.write(settle)
         return sum(len(leases) for leases in self._live.values())
+
+    async def flush(self) -> None:
+        """Write the calls summed in memory now, and wait until every queued write has landed."""
+        self._flush_seen()
+        await self._db.flush()
 
     async def close(self) -> None:
         """Flush and close the ledger."""
         self._flush_seen()
-        await self.db.close()
+        await self._db.close()
 
     # -- what the daemon asks ----------------------------------------------------------------------
 
@@ -235,7 +246,7 @@ class SeatLedger:
         if ended:
             for machine in [m for m, lease in leases.items() if lease.deadline <= now]:
                 del leases[machine]
-            self.db.write(
+            self._db.write(
                 lambda db: db.executemany("UPDATE leases SET open = 0 WHERE id = ?", [(i,) for i in ended])
             )
         return leases
@@ -290,7 +301,7 @@ class SeatLedger:
         if lease is not None:
             self._end(license, lease)
         product, key = license
-        return self.db.write(
+        return self._db.write(
             lambda db: db.execute(
                 "UPDATE machines SET deactivated = ?"
                 " WHERE product_id = ? AND license_key = ? AND machine_code = ?",
@@ -305,7 +316,7 @@ class SeatLedger:
         self._limits[license] = max_machines
         product, key = license
         now = self.clock()
-        self.db.write(
+        self._db.write(
             lambda db: db.execute(
                 "INSERT OR REPLACE INTO licenses VALUES (?, ?, ?, ?)", (product, key, max_machines, now)
             )
@@ -326,9 +337,9 @@ class SeatLedger:
         license file was served within the seat bound), so the machines and their hourly activity are the
         ones that held a seat; refused and failed calls are in the audit trail only.
 
-        Calls are summed in memory and written about once a second: a busy machine costs one row update
-        per flush, not one per call. A killed daemon loses at most that second of counts (the audit trail
-        has every call); leases are written at once.
+        Calls are summed in memory and written about once a second, or at once by flush(): a busy machine
+        costs one row update per flush, not one per call. A killed daemon loses at most that second of
+        counts (the audit trail has every call); leases are written at once.
         """
         now = self.clock()
         product, key = license
@@ -343,13 +354,14 @@ class SeatLedger:
         counts = self._activity.setdefault((product, key, hour, machine), [0, 0])
         counts[0] += 1
         counts[1] = max(counts[1], int(floating))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(_SEEN_FLUSH_EVERY, self._flush_seen)
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(_SEEN_FLUSH_EVERY, self._flush_seen)
 
     def _flush_seen(self) -> None:
         """Queue the summed calls for writing."""
-        self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()  # when a flush comes before it: the calls are queued here and now
+            self._flush_timer = None
         machines, self._seen = self._seen, {}
         activity, self._activity = self._activity, {}
         if not machines and not activity:
@@ -385,13 +397,13 @@ class SeatLedger:
                 [(p, k, hour, m, floating, calls) for (p, k, hour, m), (calls, floating) in activity.items()],
             )
 
-        self.db.write(write)
+        self._db.write(write)
 
     def denied(self, license: License, machine: str, *, by: str, message: str) -> None:
         """A seat was refused, by upstream or by the daemon during an outage."""
         now = self.clock()
         product, key = license
-        self.db.write(
+        self._db.write(
             lambda db: db.execute(
                 "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -410,7 +422,7 @@ class SeatLedger:
         self._live.setdefault(license, {})[machine] = lease
         product, key = license
         boot_id = self.lease_clock.boot_id
-        return self.db.write(
+        return self._db.write(
             lambda db: db.execute(
                 "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, NULL, ?, 0, ?, ?, ?, 1)",
                 (
@@ -432,7 +444,7 @@ class SeatLedger:
         lease.deadline = self.lease_clock.now() + seconds
         lease.expires = self.clock() + seconds
         deadline, expires, boot_id = lease.deadline, lease.expires, self.lease_clock.boot_id
-        return self.db.write(
+        return self._db.write(
             lambda db: db.execute(
                 "UPDATE leases SET expires = ?, deadline = ?, boot_id = ?, renewals = renewals + 1"
                 " WHERE id = ?",
@@ -443,9 +455,260 @@ class SeatLedger:
     def _end(self, license: License, lease: Lease) -> None:
         self._live.get(license, {}).pop(lease.machine, None)
         now = self.clock()
-        self.db.write(
+        self._db.write(
             lambda db: db.execute(
                 "UPDATE leases SET released = ?, expires = min(expires, ?), open = 0 WHERE id = ?",
                 (now, now, lease.id),
             )
         )
+
+
+# -- the read side: reports and the console ---------------------------------------------------------------
+
+# Leases live within the range, cut to it; a lease is live on [started, end), a release ends it early.
+_LEASES = (
+    "SELECT machine_code, start, stop FROM ("
+    " SELECT machine_code, max(started, :since) AS start,"
+    "  min(CASE WHEN released IS NOT NULL AND released < expires THEN released ELSE expires END, :until)"
+    "  AS stop"
+    " FROM leases WHERE product_id = :product AND license_key = :key"
+    "  AND started < :until AND expires > :since"
+    ") WHERE stop > start"
+)
+# Each call row's bucket: the hour that holds `since` counts whole, as the ledger keeps calls by the hour.
+# `(hour - origin + size) / size - 1` floors as math.floor does for every hour from one bucket before the
+# first on, which is as early as that hour can be; a machine is node-locked where it called without a seat.
+_CALLED = (
+    "SELECT (hour - :origin + :size) / :size - 1 AS bucket, machine_code, floating = 0 AS node_locked"
+    " FROM activity WHERE product_id = :product AND license_key = :key AND hour >= :hour AND hour < :until"
+)
+# For a license without leases in the range, SQL counts each bucket's machines, and node-locked ones.
+_PRESENT = (
+    "SELECT bucket, count(DISTINCT machine_code),"  # noqa: S608
+    " count(DISTINCT CASE WHEN node_locked THEN machine_code END)"
+    f" FROM ({_CALLED}) GROUP BY bucket"
+)
+# For one with leases, the report adds their machines to these: each machine that called in a bucket, once,
+# whether it was node-locked there, in bucket order.
+_CALLERS = f"SELECT bucket, machine_code, max(node_locked) FROM ({_CALLED}) GROUP BY bucket, machine_code"  # noqa: S608
+_DENIALS = (
+    "SELECT CAST((time - :origin) / :size AS INTEGER) AS bucket, count(*) FROM denials"
+    " WHERE product_id = :product AND license_key = :key AND time >= :since AND time < :until GROUP BY bucket"
+)
+_MACHINES = (
+    "SELECT friendly_name, product_id, license_key, machine_code, first_seen, last_seen, client, calls,"
+    " floating, deactivated FROM machines"
+)
+_MACHINE = f"{_MACHINES} WHERE product_id = ? AND license_key = ? AND machine_code = ?"
+_MACHINE_COUNTS = (
+    "SELECT product_id, license_key, count(*), sum(deactivated IS NULL) FROM machines"
+    " GROUP BY product_id, license_key"
+)
+_LIMIT = "SELECT max_machines FROM licenses WHERE product_id = ? AND license_key = ?"
+_LIMITS = "SELECT product_id, license_key, max_machines, updated FROM licenses"
+# Tables with an index that starts with (product_id, license_key): their licenses are found by seeks.
+_LICENSE_TABLES = ("leases", "activity", "denials")
+
+
+class LedgerMissingError(Exception):
+    """The seat ledger file does not exist: the daemon has not run with this state_dir."""
+
+    def __init__(self, path: Path) -> None:
+        """Keep the path that was looked for."""
+        super().__init__(f"no seat ledger at {path} yet: the daemon has not run with this state_dir")
+        self.path = path
+
+
+class LedgerUnreadableError(Exception):
+    """The seat ledger cannot be read: not a database, or not a seat ledger."""
+
+
+class Window(NamedTuple):
+    """A time range [since, until) of unix seconds, counted in buckets of `size` seconds from `origin`."""
+
+    since: float
+    until: float
+    origin: int
+    size: int
+
+
+class MachineRow(NamedTuple):
+    """A machine as the ledger keeps it."""
+
+    friendly_name: str
+    product_id: str
+    license_key: str
+    machine_code: str
+    first_seen: float
+    last_seen: float
+    client: str
+    calls: int
+    floating: bool  # its last activation was floating
+    deactivated: float | None  # when a deactivation passed through, until it activates again
+
+
+class LicenseLimit(NamedTuple):
+    """A license's MaxNoOfMachines (0: no limit) and when the signed license that gave it was seen."""
+
+    max_machines: int
+    updated: float
+
+
+class MachineCount(NamedTuple):
+    """How many machines a license has seen, and how many of them are not deactivated."""
+
+    known: int
+    active: int
+
+
+class SqliteSeatReader:
+    """Read-only snapshots of a seat ledger file, which the daemon may be writing meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[SqliteSeatSnapshot]:
+        """One read transaction; LedgerMissingError without a file, LedgerUnreadableError if no ledger."""
+        if not self.path.is_file():
+            raise LedgerMissingError(self.path)
+        try:
+            db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            try:
+                db.execute("BEGIN")  # every query of the snapshot sees the same moment of the ledger
+                yield SqliteSeatSnapshot(db)
+            finally:
+                db.close()  # ends the read transaction
+        except sqlite3.Error as exc:
+            raise LedgerUnreadableError(str(exc)) from exc
+
+
+class SqliteSeatSnapshot:
+    """One moment of the seat ledger, as reports and the console ask for it; blocking calls."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def licenses(self, product: str | None = None) -> list[License]:
+        """The licenses with leases, activity or denials ever (of one product if given), in order."""
+        found: set[License] = set()
+        for table in _LICENSE_TABLES:
+            found.update(self._distinct_licenses(table, product))
+        return sorted(found)
+
+    def _distinct_licenses(self, table: str, product: str | None) -> Iterator[License]:
+        """A table's distinct (product, key), each found by one seek in an index that starts with them."""
+        # `x >= ?` seeks past all the entries before it at once; `(a, b) > (?, ?)` steps over them one by one.
+        products = f"SELECT product_id FROM {table} WHERE product_id >= ? ORDER BY 1 LIMIT 1"  # noqa: S608
+        keys = f"SELECT license_key FROM {table} WHERE product_id = ? AND license_key >= ? ORDER BY 1 LIMIT 1"  # noqa: S608
+        for each in [product] if product is not None else self._seek_each(products, ()):
+            yield from ((each, key) for key in self._seek_each(keys, (each,)))
+
+    def _seek_each(self, sql: str, params: tuple[str, ...]) -> Iterator[str]:
+        """Each value found by seeking the first at or after a text (the last parameter): a skip-scan."""
+        row = self._db.execute(sql, (*params, "")).fetchone()
+        while row is not None:
+            yield str(row[0])
+            # The smallest text after x is x followed by NUL (texts compare as bytes).
+            row = self._db.execute(sql, (*params, f"{row[0]}\0")).fetchone()
+
+    def limit(self, license: License) -> int | None:
+        """The license's seat limit (0: none), or None if no signed license was seen."""
+        row = self._db.execute(_LIMIT, license).fetchone()
+        return None if row is None else int(row[0])
+
+    def limits(self) -> dict[License, LicenseLimit]:
+        """The seat limit of every license a signed license was seen for."""
+        return {(str(p), str(k)): LicenseLimit(int(n), float(u)) for p, k, n, u in self._db.execute(_LIMITS)}
+
+    def leases(self, license: License, window: Window) -> list[tuple[str, float, float]]:
+        """The license's leases live in the window, cut to it: (machine, start, end), live on [start, end)."""
+        rows: list[tuple[str, float, float]] = self._db.execute(_LEASES, _params(license, window)).fetchall()
+        return rows
+
+    def callers(self, license: License, window: Window) -> Iterator[tuple[int, str, int]]:
+        """(bucket, machine, 1 if it called without a seat there) once per machine and bucket, by bucket."""
+        rows: Iterator[tuple[int, str, int]] = self._db.execute(_CALLERS, _params(license, window))
+        return rows
+
+    def presence(self, license: License, window: Window) -> Iterator[tuple[int, int, int]]:
+        """(bucket, machines that called, how many of them without a seat) for each bucket with calls."""
+        rows: Iterator[tuple[int, int, int]] = self._db.execute(_PRESENT, _params(license, window))
+        return rows
+
+    def denials(self, license: License, window: Window) -> dict[int, int]:
+        """Seats refused in each bucket that had a refusal."""
+        return dict(self._db.execute(_DENIALS, _params(license, window)).fetchall())
+
+    def machines(
+        self, *, product: str | None = None, key: str | None = None, idle_before: float | None = None
+    ) -> list[MachineRow]:
+        """Machines, of a product and license key (any case) if given, by friendly name (any case) and key.
+
+        With `idle_before`, only those last seen by then and not deactivated since, longest idle first.
+        """
+        conditions: list[str] = ["1"]
+        params: list[object] = []
+        if product is not None:
+            conditions.append("product_id = ?")
+            params.append(product)
+        if key is not None:
+            conditions.append("license_key = ? COLLATE NOCASE")
+            params.append(key)
+        order = "friendly_name COLLATE NOCASE, license_key, product_id, machine_code"
+        if idle_before is not None:
+            conditions.append("last_seen <= ? AND deactivated IS NULL")
+            params.append(idle_before)
+            order = f"last_seen, {order}"
+        where = " AND ".join(conditions)
+        return [
+            _machine_row(row)
+            for row in self._db.execute(f"{_MACHINES} WHERE {where} ORDER BY {order}", params)
+        ]
+
+    def machine(self, license: License, machine_code: str) -> MachineRow | None:
+        """One machine of a license, if the ledger knows it."""
+        row = self._db.execute(_MACHINE, (*license, machine_code)).fetchone()
+        return None if row is None else _machine_row(row)
+
+    def machine_counts(self) -> dict[License, MachineCount]:
+        """How many machines each license has seen, and how many are not deactivated."""
+        return {
+            (str(p), str(k)): MachineCount(int(known), int(active or 0))
+            for p, k, known, active in self._db.execute(_MACHINE_COUNTS)
+        }
+
+
+def _params(license: License, window: Window) -> dict[str, object]:
+    """The named parameters of the window queries."""
+    product, key = license
+    return {
+        "product": product,
+        "key": key,
+        "since": window.since,
+        "until": window.until,
+        "hour": math.floor(window.since / _HOUR) * _HOUR,  # the hour row that holds `since`
+        "origin": window.origin,
+        "size": window.size,
+    }
+
+
+def _machine_row(row: tuple[object, ...]) -> MachineRow:
+    """A machines row, typed."""
+    name, product, key, code, first_seen, last_seen, client, calls, floating, deactivated = row
+    assert isinstance(first_seen, float | int)
+    assert isinstance(last_seen, float | int)
+    assert isinstance(calls, int)
+    assert deactivated is None or isinstance(deactivated, float | int)
+    return MachineRow(
+        str(name),
+        str(product),
+        str(key),
+        str(code),
+        float(first_seen),
+        float(last_seen),
+        str(client),
+        calls,
+        bool(floating),
+        None if deactivated is None else float(deactivated),
+    )

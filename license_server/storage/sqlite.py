@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import structlog
 
+from license_server.background import GroupCommit
 from license_server.storage.state import create_private, private_folder
 
 log = structlog.get_logger(__name__)
@@ -29,9 +30,8 @@ class SqliteWorker:
         self._schema = schema
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=path.stem)
         self._db: sqlite3.Connection | None = None
-        self._pending: list[Write] = []
-        self._pending_done: asyncio.Future[None] | None = None
-        self._writes: set[asyncio.Future[None]] = set()
+        # Not serial: the worker thread keeps batches in order, and a read queued after them waits for them.
+        self._commits = GroupCommit(self._commit, self._ended, serial=False)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` with the connection on the worker thread, after everything submitted before it."""
@@ -81,35 +81,25 @@ class SqliteWorker:
 
         The future is done once that transaction committed (or failed, which is logged: callers go on).
         """
-        self._pending.append(fn)
-        if self._pending_done is None:
-            loop = asyncio.get_running_loop()
-            self._pending_done = loop.create_future()
-            loop.call_soon(self.submit)
-        return self._pending_done
+        return self._commits.add(fn).done
 
     def submit(self) -> None:
         """Send the queued writes to the worker thread now."""
-        done = self._pending_done
-        if done is None:
-            return
-        batch, self._pending, self._pending_done = self._pending, [], None
-        write = asyncio.ensure_future(self.run(functools.partial(_transaction, batch)))
-        self._writes.add(write)
-        write.add_done_callback(functools.partial(self._written, done))
+        self._commits.submit()
 
-    def _written(self, done: asyncio.Future[None], write: asyncio.Future[None]) -> None:
-        self._writes.discard(write)
-        if not write.cancelled() and (exc := write.exception()) is not None:
-            log.error("database_write_failed", database=self.path.name, error=str(exc))
-        if not done.done():
-            done.set_result(None)
+    def _commit(self, batch: list[Write]) -> asyncio.Future[None]:
+        """Hand a batch of writes to the worker thread now, to apply in one transaction."""
+        call = functools.partial(self._call, functools.partial(_transaction, batch))
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _ended(self, batch: list[Write], error: BaseException | None) -> None:
+        """Log a batch that failed: its writes are lost, and the daemon goes on."""
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            log.error("database_write_failed", database=self.path.name, error=str(error))
 
     async def flush(self) -> None:
         """Wait until every queued write has landed."""
-        self.submit()
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._commits.flush()
 
     async def close(self) -> None:
         """Flush queued writes, close the database and stop the worker thread."""

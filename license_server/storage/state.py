@@ -1,4 +1,4 @@
-"""The state directory's own files: the lock that keeps one daemon per directory, and the fingerprint key.
+"""The state directory: its file names, the lock that keeps one daemon per directory, the fingerprint key.
 
 Also how every folder and file under `state_dir` and `audit.path` is made: readable by the daemon's user
 only (folders 0700, files 0600), whatever the umask the daemon was started with.
@@ -10,17 +10,49 @@ import fcntl
 import os
 import secrets
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
-_LOCK_FILE = ".lock"
-_FINGERPRINT_FILE = "fingerprint.key"
+# The files of a state directory. An upgrade must find them where an earlier version left them: never rename
+# one without moving the old file (tests/test_upgrade.py reads a folder written by version 0.1).
+ANSWERS_FILE = "answers.sqlite3"  # kept answers (storage.answers)
+SEATS_FILE = "seats.sqlite3"  # the seat ledger (storage.seats)
+FINGERPRINT_FILE = "fingerprint.key"  # the key of token fingerprints
+LOCK_FILE = ".lock"  # held by the daemon that uses the directory
 _KEY_BYTES = 32
 PRIVATE_FOLDER = 0o700
 PRIVATE_FILE = 0o600
+
+
+@dataclass(frozen=True, slots=True)
+class StateFolder:
+    """A state directory and the path of each file the daemon keeps in it."""
+
+    path: Path
+
+    @property
+    def answers(self) -> Path:
+        """The kept answers' database."""
+        return self.path / ANSWERS_FILE
+
+    @property
+    def seats(self) -> Path:
+        """The seat ledger's database."""
+        return self.path / SEATS_FILE
+
+    @property
+    def fingerprint_key(self) -> Path:
+        """The per-installation key of token fingerprints."""
+        return self.path / FINGERPRINT_FILE
+
+    @property
+    def lock(self) -> Path:
+        """The file a running daemon holds locked."""
+        return self.path / LOCK_FILE
 
 
 def private_folder(folder: Path) -> None:
@@ -78,7 +110,7 @@ class StateLock:
 
     def __init__(self, folder: Path) -> None:
         private_folder(folder)
-        self._fd = open_private(folder / _LOCK_FILE, os.O_RDWR)
+        self._fd = open_private(StateFolder(folder).lock, os.O_RDWR)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -94,7 +126,7 @@ class StateLock:
 
 def load_fingerprint_key(state_dir: Path) -> bytes:
     """The per-installation key for token fingerprints, created on first start (write-temp-fsync-rename)."""
-    path = state_dir / _FINGERPRINT_FILE
+    path = StateFolder(state_dir).fingerprint_key
     try:
         key = path.read_bytes()
     except FileNotFoundError:

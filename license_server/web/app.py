@@ -4,34 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
 from license_server import __version__
 from license_server.audit.writer import AuditLog
-from license_server.config import MAX_BODY_BYTES, Config
+from license_server.config import MAX_BODY_BYTES, Config, hold_restart_only
 from license_server.licensing.cache import AnswerCache
 from license_server.licensing.license_files import LicenseFiles
-from license_server.licensing.policy import Licensing
-from license_server.licensing.signatures import load_keyring
+from license_server.licensing.policy import Licensing, Rules
+from license_server.licensing.signatures import KeyRing, load_keyring
 from license_server.licensing.upstream import Breaker, Upstream, make_session
 from license_server.logs import CallLine, structlog_call_line
 from license_server.storage.answers import Store
 from license_server.storage.seats import BootClock, LeaseClock, SeatLedger
-from license_server.storage.state import StateLock, load_fingerprint_key, warn_if_open
+from license_server.storage.state import (
+    ANSWERS_FILE,
+    SEATS_FILE,
+    StateLock,
+    load_fingerprint_key,
+    warn_if_open,
+)
 from license_server.web.handlers import handle
 from license_server.web.keys import CALL_LINE, CLOCK, CONFIG, GUARD, LEASE_CLOCK, SERVICES, Services
+from license_server.web.listener import tls_context
 from license_server.web.metrics import Metrics, Snapshot
 
 log = structlog.get_logger(__name__)
 
-_STORE_FILE = "answers.sqlite3"
-_SEATS_FILE = "seats.sqlite3"
 _COMMON_PATHS = (  # as the SDKs send them: Python; Node and C++; .NET
     *("/api/key/activate", "/api/key/getkey", "/api/key/deactivate"),
     *("/api/key/Activate", "/api/key/GetKey", "/api/key/Deactivate"),
@@ -52,40 +57,33 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.to_thread(warn_if_open, folder)
         opened.callback(log.info, "state_flushed", state_dir=str(config.state_dir))
         secret = await asyncio.to_thread(load_fingerprint_key, config.state_dir)
-        store = Store(config.state_dir / _STORE_FILE)
+        store = Store(config.state_dir / ANSWERS_FILE)
         kept = await store.open()
         opened.push_async_callback(store.close)
         lease_clock = app.get(LEASE_CLOCK)
         if lease_clock is None:
             lease_clock = await asyncio.to_thread(BootClock)
-        seats = SeatLedger(config.state_dir / _SEATS_FILE, lease_clock=lease_clock, clock=app[CLOCK])
+        seats = SeatLedger(config.state_dir / SEATS_FILE, lease_clock=lease_clock, clock=app[CLOCK])
         live_leases = await seats.open()
         opened.push_async_callback(seats.close)
         audit = AuditLog(config.audit_dir, config.audit, app[CLOCK])
         await audit.open(__version__)
         opened.push_async_callback(audit.close)
-        files, problems = await asyncio.to_thread(LicenseFiles.load, config.license_files, keyring)
-        for problem in problems:
-            log.warning("license_file_skipped", path=str(problem.path), reason=problem.reason)
+        files = await _license_files(config, keyring)
         if not keyring:
             log.warning(
                 "no_vendor_key", detail="no public_key configured: answers are forwarded but never kept"
             )
-        upstream = make_upstream(config)
         metrics = Metrics(config.upstream.allowed_methods)
         licensing = Licensing(
-            upstream=upstream,
+            rules=Rules(make_upstream(config), keyring, files, config.keep),
             cache=AnswerCache(store, keyring, config.keep.memory_entries),
-            files=files,
-            keyring=keyring,
-            keep=config.keep,
             secret=secret,
             seats=seats,
-            metrics=metrics,
             clock=app[CLOCK],
         )
-        services = Services(config, licensing, store, upstream, audit, metrics, time.time())
-        opened.push_async_callback(_close_upstreams, services)
+        services = Services(config, licensing, store, audit, metrics, time.time())
+        opened.push_async_callback(services.close_upstreams)
         metrics.watch(lambda: _snapshot(services))
         app[SERVICES] = services
         log.info(
@@ -99,7 +97,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             audit_dir=str(config.audit_dir),
             audit_seq=audit.state().seq,
         )
-        opened.push_async_callback(services.stop_background)
+        opened.push_async_callback(services.background.stop)
         yield
 
 
@@ -110,19 +108,12 @@ def make_upstream(config: Config) -> Upstream | None:
     return Upstream(config.upstream, make_session(config.upstream), Breaker(config.upstream.breaker))
 
 
-async def _close_upstreams(services: Services) -> None:
-    """Close the egress session, and any a reload replaced."""
-    for upstream in [*services.retired, services.upstream]:
-        if upstream is not None:
-            await upstream.session.close()
-
-
-async def _retire(services: Services, upstream: Upstream) -> None:
-    """Close a replaced egress once calls still using it have had their whole budget."""
-    services.retired.append(upstream)
-    await asyncio.sleep(upstream.config.timeout + 1)
-    services.retired.remove(upstream)
-    await upstream.session.close()
+async def _license_files(config: Config, keyring: KeyRing) -> LicenseFiles:
+    """The configured license files, each one that cannot be served logged and skipped."""
+    files, problems = await asyncio.to_thread(LicenseFiles.load, config.license_files, keyring)
+    for problem in problems:
+        log.warning("license_file_skipped", path=str(problem.path), reason=problem.reason)
+    return files
 
 
 def _snapshot(services: Services) -> Snapshot:
@@ -139,51 +130,33 @@ def _snapshot(services: Services) -> Snapshot:
     )
 
 
-async def reload(app: web.Application, config: Config) -> list[str]:
-    """Apply a re-read configuration to the running daemon; returns the settings that need a restart.
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    """A re-read configuration and what was built from it, not in force yet."""
 
-    Vendor keys, license files, the method and client allowlists, upstream settings, kept-answer rules,
-    limits and the log level change at once; calls in flight finish with what they started with. A
-    configuration whose keys do not load raises before anything changes.
+    config: Config  # as it will be in force: the RESTART_ONLY settings as they are now
+    rules: Rules
+    tls: ssl.SSLContext | None  # the workstation listener's context with the certificate read again
+    restart_needed: list[str]  # the RESTART_ONLY settings the file changed
+
+
+async def prepare_reload(services: Services, config: Config) -> Reloaded:
+    """Build what a re-read configuration changes, changing nothing; raises if its keys or certificate fail.
+
+    Vendor keys, license files, the method and client allowlists, upstream settings (a new egress only when
+    they changed), kept-answer rules, limits, the TLS certificate and the log level can change; the
+    RESTART_ONLY settings stay as they are.
     """
-    services = app[SERVICES]
-    old = services.config
+    config, restart_needed = hold_restart_only(services.config, config)
     keyring = load_keyring(config.public_keys)
-    files, problems = await asyncio.to_thread(LicenseFiles.load, config.license_files, keyring)
-    for problem in problems:
-        log.warning("license_file_skipped", path=str(problem.path), reason=problem.reason)
-    fixed = {
-        "listen.host": (old.listen.host, config.listen.host),
-        "listen.port": (old.listen.port, config.listen.port),
-        "listen.tls_cert/tls_key": (old.listen.tls_cert is None, config.listen.tls_cert is None),
-        "state_dir": (old.state_dir, config.state_dir),
-        "audit": (old.audit, config.audit),
-        "keep.memory_entries": (old.keep.memory_entries, config.keep.memory_entries),
-        "log.format": (old.log.format, config.log.format),
-        "shutdown_timeout": (old.shutdown_timeout, config.shutdown_timeout),
-    }
-    restart_needed = [name for name, (before, after) in fixed.items() if before != after]
-    licensing = services.licensing
-    if config.upstream != old.upstream:
-        replaced = services.upstream
-        services.upstream = licensing.upstream = make_upstream(config)
-        if replaced is not None:
-            services.spawn(_retire(services, replaced))
-    licensing.keyring = licensing.cache.keyring = keyring
-    licensing.files = files
-    licensing.keep = dataclasses.replace(config.keep, memory_entries=old.keep.memory_entries)
-    services.metrics.allow_methods(config.upstream.allowed_methods)
-    logging.getLogger().setLevel(config.log.level.upper())
-    services.config = dataclasses.replace(
-        config,
-        listen=dataclasses.replace(config.listen, host=old.listen.host, port=old.listen.port),
-        state_dir=old.state_dir,
-        audit=old.audit,
-        keep=licensing.keep,
-        log=dataclasses.replace(config.log, format=old.log.format),
-        shutdown_timeout=old.shutdown_timeout,
-    )
-    return restart_needed
+    listen = config.listen
+    tls = None
+    if listen.tls_cert is not None and listen.tls_key is not None:  # on only when the daemon started so
+        tls = await asyncio.to_thread(tls_context, listen.tls_cert, listen.tls_key)
+    files = await _license_files(config, keyring)
+    # Last: nothing after it can fail and leave a new egress unclosed.
+    upstream = services.upstream if config.upstream == services.config.upstream else make_upstream(config)
+    return Reloaded(config, Rules(upstream, keyring, files, config.keep), tls, restart_needed)
 
 
 def create_app(
@@ -210,4 +183,4 @@ def create_app(
     return app
 
 
-__all__ = ["CLOCK", "CONFIG", "GUARD", "SERVICES", "Services", "create_app", "reload"]
+__all__ = ["CLOCK", "CONFIG", "GUARD", "SERVICES", "Reloaded", "Services", "create_app", "prepare_reload"]

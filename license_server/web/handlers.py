@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from typing import Any
 
 import structlog
 from aiohttp import web
 
 from license_server import __version__
-from license_server.audit.chain import CALL, utc_now_text
+from license_server.audit.chain import CALL, CallRecord, utc_now_text
 from license_server.audit.writer import AuditUnavailableError
 from license_server.config import IPNetwork
 from license_server.licensing.policy import Outcome
-from license_server.licensing.protocol import Call, RequestError, normalise_path, parse_fields
+from license_server.licensing.protocol import Call, Forward, RequestError, normalise_path, parse_fields
 from license_server.web.keys import CALL_LINE, CONFIG, GUARD, SERVICES, Services
 from license_server.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -39,10 +38,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     method = normalise_path(request.path)
     call: Call | None = None
     try:
-        call, body, raw_query = await _parse(request, services, method)
-        outcome = await services.licensing.answer(
-            call, request.method, body, raw_query, _FORM if body else None, request.remote or ""
-        )
+        call, forward = await _parse(request, services, method)
+        outcome = await services.licensing.answer(call, forward, request.remote or "")
+        services.metrics.count_upstream(outcome)  # here: an audit refusal below may replace the outcome
     except RequestError as exc:
         outcome = Outcome.refused(exc.status, exc.message)
     except Exception:  # a bug must still give the SDK JSON, and leave the daemon up
@@ -76,8 +74,8 @@ _AUDIT_REFUSAL = (
 )
 
 
-async def _parse(request: web.Request, services: Services, method: str | None) -> tuple[Call, bytes, str]:
-    """Check a call's path, HTTP method, allowlist, size and form; return the call, body and raw query."""
+async def _parse(request: web.Request, services: Services, method: str | None) -> tuple[Call, Forward]:
+    """Check a call's path, HTTP method, allowlist, size and form; return the call and what goes upstream."""
     config = services.config
     if config.listen.allow and not client_allowed(request.remote, config.listen.allow):
         raise RequestError(403, _CLIENT_REFUSAL)
@@ -107,7 +105,8 @@ async def _parse(request: web.Request, services: Services, method: str | None) -
     except UnicodeDecodeError as exc:
         raise RequestError(400, "The request body is not valid UTF-8.") from exc
     raw_query = request.rel_url.raw_query_string
-    return Call.from_fields(method, parse_fields(text, raw_query)), body, raw_query
+    call = Call.from_fields(method, parse_fields(text, raw_query))
+    return call, Forward(method, request.method, body, raw_query, _FORM if body else None)
 
 
 def _record(
@@ -117,7 +116,7 @@ def _record(
     call: Call | None,
     outcome: Outcome,
     elapsed: float,
-) -> dict[str, Any]:
+) -> CallRecord:
     """The audit record of one answered call; never the token."""
     return {
         "type": CALL,

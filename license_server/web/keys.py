@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
 from license_server.audit.writer import AuditLog
+from license_server.background import Background
 from license_server.config import Config
-from license_server.licensing.policy import Licensing
+from license_server.licensing.policy import Licensing, Rules
 from license_server.licensing.upstream import Upstream
 from license_server.logs import CallLine
-from license_server.storage.answers import Store
+from license_server.storage.interfaces import AnswerStore
 from license_server.storage.seats import LeaseClock
 from license_server.web.listener import ConnectionGuard
 from license_server.web.metrics import Metrics
@@ -40,33 +40,50 @@ class RequestIds:
 class Services:
     """Everything a running daemon holds, made at start-up and closed at shut-down."""
 
-    config: Config
+    config: Config  # in force: a reload replaces it, through `swap` only
     licensing: Licensing
-    store: Store
-    upstream: Upstream | None
+    store: AnswerStore
     audit: AuditLog
     metrics: Metrics
     started: float
     request_ids: RequestIds = field(default_factory=RequestIds)
     retired: list[Upstream] = field(default_factory=list)  # replaced by a reload, closing once idle
-    background: set[asyncio.Task[None]] = field(default_factory=set)
+    background: Background = field(default_factory=Background)  # work that lives as long as the daemon
+
+    @property
+    def upstream(self) -> Upstream | None:
+        """The egress in force; None in offline mode."""
+        return self.licensing.upstream
 
     @property
     def kept_answers(self) -> int:
         """How many answers are kept for outages, exact at every moment (the store counts as it writes)."""
         return self.store.kept
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run background work that lives as long as the daemon (a reference is kept until it ends)."""
-        task = asyncio.ensure_future(work)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+    def swap(self, config: Config, rules: Rules) -> None:
+        """Put a reloaded configuration and the rules built from it in force for calls that start after.
 
-    async def stop_background(self) -> None:
-        """Cancel the background work and wait for it to end."""
-        for task in self.background:
-            task.cancel()
-        await asyncio.gather(*self.background, return_exceptions=True)
+        A replaced egress is closed once calls still using it are over.
+        """
+        replaced = self.licensing.upstream
+        self.config = config
+        self.licensing.rules = rules
+        self.metrics.allow_methods(config.upstream.allowed_methods)
+        if replaced is not None and replaced is not rules.upstream:
+            self.background.spawn(self._retire(replaced))
+
+    async def _retire(self, upstream: Upstream) -> None:
+        """Close a replaced egress once calls still using it have had their whole budget."""
+        self.retired.append(upstream)
+        await asyncio.sleep(upstream.config.timeout + 1)
+        self.retired.remove(upstream)
+        await upstream.session.close()
+
+    async def close_upstreams(self) -> None:
+        """Close the egress session in force, and any a reload replaced."""
+        for upstream in [*self.retired, self.upstream]:
+            if upstream is not None:
+                await upstream.session.close()
 
 
 CONFIG = web.AppKey("config", Config)

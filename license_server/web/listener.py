@@ -2,15 +2,17 @@
 
 aiohttp has neither a connection limit nor a header deadline: a client that trickles its first request's
 headers holds a connection for ever (later requests on a kept-alive connection are bounded by its keep-alive
-timeout). The guard below wraps aiohttp's protocol factory to add both, and makes each connection's
-handler answer aiohttp's own refusals (framing its C parser rejects, a crashed handler) in the JSON shape
-every SDK parses, instead of aiohttp's plain text, which also echoes the client's bytes.
+timeout). The guard below is the listener's protocol factory and adds both, and each connection answers
+aiohttp's own refusals (framing its C parser rejects, a crashed handler) in the JSON shape every SDK parses,
+instead of aiohttp's plain text, which also echoes the client's bytes. What of aiohttp's internals this
+needs is in `aiohttp_internals`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import ssl
 from pathlib import Path
@@ -18,12 +20,17 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from license_server.licensing.protocol import error_response
+from license_server.web.aiohttp_internals import (
+    ProtocolSite,
+    close_connection,
+    make_connection,
+    open_connections,
+)
 
 log = structlog.get_logger(__name__)
+_AIOHTTP_LOG = logging.getLogger("aiohttp.server")  # where aiohttp logs a failed request itself
 
 _BUSY = json.dumps(
     {"result": 1, "message": "This license server has too many open connections; try again shortly."}
@@ -49,6 +56,23 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
+class ServerTls:
+    """The listener's TLS, whose certificate a reload renews: each new handshake gets the context in use."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context  # the one the listening socket was made with
+        self._in_use = context
+        context.sni_callback = self._choose  # called in every handshake, with or without SNI
+
+    def use(self, context: ssl.SSLContext) -> None:
+        """Serve new connections with `context` (made by `tls_context`); open ones keep theirs."""
+        self._in_use = context
+
+    def _choose(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        if self._in_use is not context:
+            connection.context = self._in_use
+
+
 class _Busy(asyncio.Protocol):
     """Answers a connection over the cap with a JSON 503 and closes it."""
 
@@ -68,32 +92,20 @@ def parse_refusal(exc: HttpProcessingError, max_line: int) -> str:
     return "The request is not valid HTTP/1.1; nothing was forwarded."
 
 
-class JsonErrorHandler(RequestHandler):
-    """aiohttp's connection handler, answering the errors it handles itself as Cryptolens JSON errors."""
-
-    __slots__ = ()
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """A JSON `{"result": 1, "message": ...}` answer with `status`, closing the connection."""
-        del message  # aiohttp's text quotes the client's bytes, which may hold an access token
-        if request.writer.output_size > 0:  # as aiohttp: part of an answer is out, only closing is left
-            raise ConnectionError("an answer was partly sent; the connection is closed instead")
-        if isinstance(exc, HttpProcessingError):
-            text = parse_refusal(exc, self.max_line_size)
-            log.info("http_refused", client=request.remote, status=status, reason=text)
-        else:
-            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
-            text = _TIMED_OUT if status == 504 else _CRASHED
-        response = error_response(status, text, source="refused")
-        response.headers["Connection"] = "close"
-        response.force_close()
-        return response
+def json_error(
+    request: web.BaseRequest, status: int, exc: BaseException | None, max_line: int
+) -> web.StreamResponse:
+    """A request aiohttp refused or whose handler failed: `{"result": 1, "message": ...}`, closing."""
+    if isinstance(exc, HttpProcessingError):
+        text = parse_refusal(exc, max_line)
+        log.info("http_refused", client=request.remote, status=status, reason=text)
+    else:
+        _AIOHTTP_LOG.exception("Error handling request from %s", request.remote, exc_info=exc)
+        text = _TIMED_OUT if status == 504 else _CRASHED
+    response = error_response(status, text, source="refused")
+    response.headers["Connection"] = "close"
+    response.force_close()
+    return response
 
 
 class ConnectionGuard:
@@ -103,39 +115,36 @@ class ConnectionGuard:
         self._server = server
         self.max_connections = max_connections
         self.header_timeout = header_timeout
-        self._waiting: set[RequestHandler] = set()  # connections whose first request has not come yet
+        self._waiting: set[asyncio.Protocol] = set()  # connections whose first request has not come yet
         self.refused = 0
         self.timed_out = 0
 
     def __call__(self) -> asyncio.Protocol:
         """Make the protocol of a new connection."""
-        if len(self._server.connections) >= self.max_connections:
+        if open_connections(self._server) >= self.max_connections:
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
                 log.warning("connections_refused", refused=self.refused, max_connections=self.max_connections)
             return _Busy()
-        # What aiohttp's Server() makes, with the JSON error answers.
-        handler = JsonErrorHandler(self._server, loop=asyncio.get_running_loop(), **self._server._kwargs)
-        self._waiting.add(handler)
-        asyncio.get_running_loop().call_later(self.header_timeout, self._check, handler)
-        return handler
+        connection = make_connection(self._server, json_error)
+        self._waiting.add(connection)
+        asyncio.get_running_loop().call_later(self.header_timeout, self._check, connection)
+        return connection
 
     def started(self, protocol: object) -> None:
         """A request arrived on this connection: its headers came in time."""
-        if isinstance(protocol, RequestHandler):
+        if isinstance(protocol, asyncio.Protocol):
             self._waiting.discard(protocol)
 
-    def _check(self, handler: RequestHandler) -> None:
-        if handler not in self._waiting:
+    def _check(self, connection: asyncio.Protocol) -> None:
+        if connection not in self._waiting:
             return
-        self._waiting.discard(handler)
-        if handler.transport is None:
-            return
-        self.timed_out += 1
-        handler.force_close()  # closes the transport too
+        self._waiting.discard(connection)
+        if close_connection(connection):
+            self.timed_out += 1
 
 
-class GuardedSite(web.BaseSite):
+class GuardedSite(ProtocolSite):
     """A TCP site whose connections go through a ConnectionGuard."""
 
     def __init__(
@@ -147,28 +156,4 @@ class GuardedSite(web.BaseSite):
         *,
         ssl_context: ssl.SSLContext | None,
     ) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=1024)
-        self._host = host
-        self._port = port
-        self._guard = guard
-        self.bound: list[tuple[str, int]] = []
-
-    @property
-    def name(self) -> str:
-        """The site's URL, for logs."""
-        scheme = "https" if self._ssl_context else "http"
-        return f"{scheme}://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        """Bind and start accepting."""
-        await super().start()
-        server = await asyncio.get_running_loop().create_server(
-            self._guard,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=True,
-        )
-        self._server = server
-        self.bound = [sock.getsockname()[:2] for sock in server.sockets]
+        super().__init__(runner, host, port, guard, ssl_context=ssl_context, backlog=1024)

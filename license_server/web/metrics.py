@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -13,6 +14,9 @@ from prometheus_client.registry import Collector
 from license_server import __version__
 from license_server.audit.writer import AuditState
 from license_server.licensing.upstream import BreakerState
+
+if TYPE_CHECKING:
+    from license_server.licensing.policy import Outcome
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BREAKER = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -38,6 +42,11 @@ class Metrics:
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
             registry=self.registry,
         )
+        self.upstream_retries = Counter(
+            "license_server_upstream_retries",
+            "Calls sent upstream a second time: the first try never left, or a call that only reads failed.",
+            registry=self.registry,
+        )
         self.admin_auth_failures = Counter(
             "license_server_admin_auth_failures",
             "Wrong admin tokens sent to the console, by how: the login form or a bearer token.",
@@ -58,6 +67,16 @@ class Metrics:
     def count_call(self, method: str | None, action: str, status: int, elapsed: float) -> None:
         """Count one answered call and its latency."""
         self._calls.add((self.method_label(method), action, status), elapsed)
+
+    def count_upstream(self, outcome: Outcome) -> None:
+        """Count what came of asking upstream for an answer, if it was asked: how it ended, latency, retry."""
+        if outcome.upstream_latency is not None:
+            self.upstream_latency.observe(outcome.upstream_latency)
+            self.upstream.labels("answered" if outcome.result == 0 else "refused").inc()
+        elif outcome.failure_kind is not None:
+            self.upstream.labels(outcome.failure_kind).inc()
+        if outcome.retried:
+            self.upstream_retries.inc()
 
     def allow_methods(self, methods: Iterable[str]) -> None:
         """Follow a reloaded method allowlist for the api_method label."""
