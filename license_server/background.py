@@ -87,7 +87,13 @@ class GroupCommit(Generic[T]):
         if batch is None or (self._serial and self._running):
             return
         items, self._items, self._next = self._items, [], None
-        commit = asyncio.ensure_future(self._commit(items))
+        try:
+            started: Awaitable[None] = self._commit(items)
+        except Exception as exc:  # noqa: BLE001 - it could not even start (a closed worker): adders must hear it
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            started = failed
+        commit = asyncio.ensure_future(started)
         self._running.add(commit)
         commit.add_done_callback(functools.partial(self._done, items, batch))
 
@@ -97,7 +103,8 @@ class GroupCommit(Generic[T]):
         error = asyncio.CancelledError() if commit.cancelled() else commit.exception()
         self._ended(items, error)
         batch.error = error
-        batch.done.set_result(None)
+        if not batch.done.done():  # an adder awaiting it unshielded may have cancelled it
+            batch.done.set_result(None)
         if self._serial:
             self.submit()
 

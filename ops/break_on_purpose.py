@@ -491,6 +491,22 @@ SABOTAGES = (
         "session_lifetime),\n        secure=request.secure,",
         ("tests/test_admin_auth.py::TestSecureCookie::test_cookie_is_secure_as_configured",),
     ),
+    Sabotage(
+        "answers signed before a deactivation are not kept",
+        "license_server/licensing/policy.py",
+        "elif answered.sent <= self._freed.get(call.license, -1.0):",
+        "elif answered.sent < 0:",
+        (
+            "tests/test_kept_answers.py::TestFreedMachineNotRevived::test_get_key_signed_before_a_deactivation_not_kept",
+        ),
+    ),
+    Sabotage(
+        "product ids compared as numbers",
+        "license_server/licensing/policy.py",
+        "return int(call.product_id) == signed",
+        "return call.product_id == str(signed)",
+        ("tests/test_proxy.py::TestExactValues::test_product_id_read_as_a_number",),
+    ),
 )
 
 

@@ -249,6 +249,8 @@ class FakeCryptolens:
         self.licenses: dict[tuple[int, str], FakeLicense] = {}
         self.calls: list[Call] = []
         self.delay = 0.0
+        # API path ("key/getkey") -> an answer to it is made at once but sent only once the event is set
+        self.held: dict[str, asyncio.Event] = {}
         self.getkey_refuses_blocked = True
         self._mode = "ok"
         self._next_id = 1
@@ -639,6 +641,8 @@ class FakeCryptolens:
         if mode == "bad_signature" and answer.signed:
             answer.obj["signature"] = _spoil(str(answer.obj["signature"]))
         data = _compact(answer.obj)
+        if (held := self.held.get(call.path)) is not None:
+            await held.wait()  # signed now, delivered later: as over a slow way back
         if mode == "truncated":
             return await _truncated(request, data)
         return web.Response(body=data, content_type="application/json", charset="utf-8")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -469,6 +470,24 @@ class TestWeakSecrets:
         assert reason.startswith(f"admin.token_file {token_file}: the admin token")
         assert "openssl rand -hex 32" in reason
         assert token not in reason or len(token) < 3
+
+    async def test_token_file_owned_by_another_user_is_refused(self, tmp_path: Path) -> None:
+        """A private token file another user owns could hold that user's token: it is not used."""
+        if os.geteuid() != 0:
+            pytest.skip("making a file another user owns needs root")
+        token_file = write_secret(tmp_path / "admin.token", FILE_TOKEN)
+        os.chown(token_file, 12345, 12345)
+        with pytest.raises(CredentialError, match="owned by user id 12345"):
+            await asyncio.to_thread(load_credentials, AdminConfig(token_file=token_file), {})
+
+    async def test_a_fifo_in_place_of_a_token_file_is_refused_at_once(self, tmp_path: Path) -> None:
+        """A named pipe where the token file should be is refused, not waited on for ever."""
+        fifo = tmp_path / "admin.token"
+        os.mkfifo(fifo, 0o600)
+        with pytest.raises(CredentialError, match="not a regular file"):
+            await asyncio.wait_for(
+                asyncio.to_thread(load_credentials, AdminConfig(token_file=fifo), {}), timeout=10
+            )
 
     async def test_a_random_token_is_accepted(self, tmp_path: Path) -> None:
         """A token as `openssl rand -hex 32` makes it, in a private file, opens the console."""

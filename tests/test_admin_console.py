@@ -130,6 +130,9 @@ class TestLists:
         assert (len(second["licenses"]), second["next_offset"]) == (1, None)
         assert {body["licenses"][0]["key"], second["licenses"][0]["key"]} == {LICENSE, OTHER_LICENSE}
         assert (await admin.api("GET", "/api/v1/licenses", params={"limit": "100000"}))[0] == 400
+        status, body, _ = await admin.api("GET", "/api/v1/licenses", params={"days": "9" * 5000})
+        assert status == 400, body  # not int() of a 5,000-digit number, which Python refuses with a 500
+        assert body["error"].startswith("days:")
 
     async def test_pages_link_to_the_next_and_previous_page_of_the_same_search(
         self, admin: Admin, workstation: Callable[..., Workstation]
@@ -156,6 +159,9 @@ class TestLists:
             async with session.get("/machines", params={"page": "0"}) as r:
                 assert r.status == 400
                 assert "page:" in await r.text()
+            async with session.get("/machines?q=pc-&q=b1&per_page=2") as r:
+                twice = await r.text()  # a field given twice: the page and its links read the first
+            assert 'href="/machines?q=pc-&amp;per_page=2&amp;page=2">next' in twice
             async with session.get("/licenses", params={"days": "7", "per_page": "1"}) as r:
                 licenses = await r.text()
             assert "2 license(s); 1 to 1 shown" in licenses

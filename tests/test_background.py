@@ -73,6 +73,33 @@ class TestSqliteGroupCommit:
         finally:
             await worker.close()
 
+    async def test_a_write_after_close_fails_at_once(self, tmp_path: Path) -> None:
+        """A write that comes after the worker closed is logged as failed; its waiter is not left hanging."""
+        worker = SqliteWorker(tmp_path / "t.sqlite3", SCHEMA)
+        await worker.open()
+        await worker.close()
+        with capture_logs() as logs:
+            await asyncio.wait_for(worker.write(insert(1)), timeout=10)
+        assert [entry["event"] for entry in logs] == ["database_write_failed"]
+
+    async def test_a_cancelled_waiter_leaves_its_batch_alone(self, tmp_path: Path) -> None:
+        """One caller of a shared batch cancelled: the others still hear it commit, and nothing is lost."""
+        worker = SqliteWorker(tmp_path / "t.sqlite3", SCHEMA)
+        await worker.open()
+        try:
+
+            async def caller(value: int) -> None:
+                await worker.write(insert(value))
+
+            first, second = asyncio.ensure_future(caller(1)), asyncio.ensure_future(caller(2))
+            await asyncio.sleep(0)  # both writes queued in one turn: one batch
+            first.cancel()
+            await asyncio.wait_for(second, timeout=10)
+            await worker.flush()
+            assert await worker.run(count) == 2
+        finally:
+            await worker.close()
+
 
 class TestSerialGroupCommit:
     """The audit trail's kind: a batch waits for the one before, and each adder hears how its batch went."""

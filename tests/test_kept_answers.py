@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +34,28 @@ async def kept_counts(daemon: Daemon) -> tuple[object, float]:
 
 class TestFreedMachineNotRevived:
     """A deactivation that passed through stops every kept answer listing the machine from being served."""
+
+    async def test_get_key_signed_before_a_deactivation_not_kept(
+        self, workstation: MakeWorkstation, upstream: Upstream
+    ) -> None:
+        """A GetKey signed before alice's deactivation but arriving after it is passed on, not kept."""
+        alice = workstation("alice-pc")
+        assert (await alice.activate())[0] is not None
+        held = upstream.fake.held["key/getkey"] = asyncio.Event()
+        pending = asyncio.ensure_future(alice.get_key())
+        for _ in range(500):
+            if any(call.path == "key/getkey" for call in upstream.fake.calls):
+                break
+            await asyncio.sleep(0.01)
+        assert await alice.deactivate() == (True, "")
+        held.set()
+        late, message = await pending
+        assert lists(late, "alice-pc"), message  # signed while she was still on the license
+
+        upstream.fake.mode = "http500"
+        served, message = await alice.get_key()
+        assert served is None, "an answer signed before the deactivation was kept"
+        assert "keeps no answer" in message
 
     async def test_kept_get_key_listing_the_machine_dropped(
         self, daemon_factory: DaemonFactory, upstream: Upstream

@@ -429,6 +429,18 @@ class TestExactValues:
         assert served.raw_response.signature == first.raw_response.signature
         assert Helpers.IsOnRightMachine(served, custom_machine_code="victim-ws")
 
+    async def test_product_id_read_as_a_number(self, daemon: Daemon, upstream: Upstream) -> None:
+        """ProductId 03349 is the product 3349 to upstream: its answer is forwarded and kept, no failure."""
+        for _ in range(4):  # more than the breaker's failures in a row
+            status, headers, body = await post(
+                daemon, "/api/key/activate", activate_form(ProductId=f"0{PRODUCT}")
+            )
+            assert (status, headers["X-License-Server-Source"]) == (200, "forwarded"), body
+            assert json.loads(body)["result"] == 0
+        upstream.fake.mode = "http500"
+        status, headers, _ = await post(daemon, "/api/key/activate", activate_form(ProductId=f"0{PRODUCT}"))
+        assert (status, headers["X-License-Server-Source"]) == (200, "kept_stale")
+
     async def test_unknown_look_alike_key_keeps_license(
         self, workstation: MakeWorkstation, upstream: Upstream
     ) -> None:

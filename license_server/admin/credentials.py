@@ -116,13 +116,22 @@ def _token(
 def _read(path: Path, source: str, forbidden: int, *, strong: bool) -> Secret:
     """The token in a private file: one line of printable characters; `strong`: long enough not to guess."""
     try:
-        with path.open("rb") as stream:
-            mode = os.fstat(stream.fileno()).st_mode
-            raw = stream.read(_MAX_TOKEN_BYTES + 1) if stat.S_ISREG(mode) else b""
+        # O_NONBLOCK: a FIFO put in the token's place must not hang the start (or check-config) for ever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as stream:  # noqa: PTH123 - opening a descriptor, not a path
+            status = os.fstat(fd)
+            raw = stream.read(_MAX_TOKEN_BYTES + 1) if stat.S_ISREG(status.st_mode) else b""
     except OSError as exc:
         raise CredentialError(f"{source}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    mode = status.st_mode
     if not stat.S_ISREG(mode):
         raise CredentialError(f"{source}: not a regular file")
+    if forbidden == _PRIVATE and status.st_uid not in (0, os.geteuid()):
+        # as ssh requires of a key: whoever owns the file could put a token of their own in it
+        raise CredentialError(
+            f"{source}: owned by user id {status.st_uid}, neither root nor the user the daemon runs as"
+            f" ({os.geteuid()}): chown it to that user"
+        )
     if mode & forbidden:
         others = "others" if forbidden == _CREDENTIAL_PRIVATE else "group or others"
         raise CredentialError(

@@ -56,7 +56,7 @@ def period(value: str | None) -> int:
     """Days of a licenses period from a query field (30 when absent)."""
     if value is None or value == "":
         return 30
-    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 3650:
+    if not value.isascii() or not value.isdigit() or len(value) > 4 or not 1 <= int(value) <= 3650:
         raise BadQueryError("days: expected a number of days between 1 and 3650")
     return int(value)
 

@@ -319,7 +319,10 @@ def _shown(total: int, offset: int, count: int, what: str) -> str:
 
 def _page_links(request: web.Request, total: int, offset: int, per_page: int) -> list[tuple[str, str]]:
     """Links to the previous and next pages of a list, keeping its search: (label, href)."""
-    params = {key: value for key, value in request.query.items() if key != "page"}
+    params: dict[str, str] = {}
+    for key, value in request.query.items():
+        if key != "page":
+            params.setdefault(key, value)  # the first of a field given twice, as the page itself reads it
     current = offset // per_page + 1
     return [
         (label, f"{request.path}?" + urlencode({**params, "page": number}))

@@ -26,7 +26,7 @@ from license_server.licensing.signatures import (
 from license_server.licensing.upstream import Upstream, UpstreamAnswer, UpstreamFailure
 from license_server.storage.answers import Kept
 from license_server.storage.interfaces import SeatStore
-from license_server.storage.seats import LIMIT_REACHED
+from license_server.storage.seats import LIMIT_REACHED, License
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +34,9 @@ JSON = "application/json; charset=utf-8"
 
 # Upstream refusals that mean the license itself is gone, not just this call.
 _LICENSE_GONE = ("blocked", "could not find the key")
+# Licenses whose last deactivation is remembered at most, and for how long: far past any call's time upstream.
+_FREED_REMEMBERED = 4096
+_FREED_HORIZON = 600.0
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x on the hot path
@@ -90,6 +93,7 @@ class Licensing:
         self.seats = seats
         self.clock = clock
         self.stale_served = 0
+        self._freed: dict[License, float] = {}  # license -> time.monotonic() of its last deactivation
         self._offline = UpstreamFailure("offline mode is on", kind="offline", status=503)  # never raised
 
     @property
@@ -141,15 +145,16 @@ class Licensing:
     async def _decide(self, call: Call, forward: Forward) -> Outcome:
         """Upstream first (unless offline or fresh enough), falling back to kept answers and files."""
         cache_key = call.cache_key(self.fingerprints) if call.keepable else None
-        if self.upstream is None:
+        rules = self._rules  # read once: a reload landing while this call waits must not change it midway
+        if rules.upstream is None:
             return await self._fallback(call, cache_key, self._offline)
-        if cache_key is not None and self.keep.fresh_for > 0 and call.floating_interval <= 0:
+        if cache_key is not None and rules.keep.fresh_for > 0 and call.floating_interval <= 0:
             kept = await self.cache.get(cache_key)
-            if kept is not None and self._age(kept) < self.keep.fresh_for:
+            if kept is not None and self._age(kept) < rules.keep.fresh_for:
                 return self._serve_kept(call, kept, Action.KEPT_FRESH)
         coalesce = cache_key if call.kind is Kind.GETKEY else None
         try:
-            answered, signed = await self.upstream.call(
+            answered, signed = await rules.upstream.call(
                 forward, judge=functools.partial(self._judge, call), coalesce_key=coalesce
             )
         except UpstreamFailure as failure:
@@ -158,6 +163,13 @@ class Licensing:
             outcome.failure_kind, outcome.retried = failure.kind, failure.retried
             return outcome
         return await self._on_answer(call, cache_key, answered, signed)
+
+    def _note_freed(self, license: License) -> None:
+        """Remember when a machine of a license was freed; forget what no call in flight can predate."""
+        now = time.monotonic()
+        if len(self._freed) >= _FREED_REMEMBERED:
+            self._freed = {k: t for k, t in self._freed.items() if now - t < _FREED_HORIZON}
+        self._freed[license] = now
 
     def _judge(self, call: Call, answered: UpstreamAnswer) -> SignedLicense | None:
         """Upstream.call's judge: UpstreamFailure for an unusable answer, else the verified license if any."""
@@ -194,7 +206,9 @@ class Licensing:
             return outcome
         if call.kind is Kind.DEACTIVATE and call.license_key:
             # A freed seat must never come back from a kept answer during a later outage: neither from
-            # the machine's own activations nor from a kept GetKey answer that still lists it.
+            # the machine's own activations nor from a kept GetKey answer that still lists it, nor from
+            # an answer to a call in flight now, which upstream may have signed before this deactivation.
+            self._note_freed(call.license)
             await self.cache.forget_machine(call.product_id, call.license_key, call.machine_code)
             await self.seats.released(call.license, call.machine_code)
             return outcome
@@ -207,6 +221,8 @@ class Licensing:
                 await self.cache.forget(call.product_id, call.license_key)
             elif call.kind is Kind.ACTIVATE and not licensed:
                 log.info("activation_answer_without_machine_not_kept", product_id=call.product_id)
+            elif answered.sent <= self._freed.get(call.license, -1.0):
+                log.info("answer_older_than_deactivation_not_kept", product_id=call.product_id)
             else:
                 await self.cache.put(
                     Kept(
@@ -246,7 +262,7 @@ class Licensing:
                 "the answer's metadata signature does not verify with any configured vendor key",
                 kind="bad_signature",
             )
-        if signed.key.upper() != call.license_key.upper() or str(signed.product_id) != call.product_id:
+        if signed.key.upper() != call.license_key.upper() or not _same_product(signed.product_id, call):
             raise UpstreamFailure(
                 "the licensing service answered with a license other than the one asked for",
                 kind="other_license",
@@ -381,6 +397,14 @@ class Licensing:
     def _age(self, kept: Kept) -> float:
         # A wall clock that went backwards makes an answer look new, not negative.
         return max(0.0, self.clock() - kept.fetched_at)
+
+
+def _same_product(signed: int | None, call: Call) -> bool:
+    """Whether a signed license is of the call's product; upstream reads ProductId as a number (03349)."""
+    try:
+        return int(call.product_id) == signed
+    except ValueError:
+        return False
 
 
 def _days(seconds: float) -> str:

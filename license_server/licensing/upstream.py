@@ -44,6 +44,7 @@ class UpstreamAnswer:
     answer: Answer | None
     latency: float
     retried: bool = False  # the answer to a second try
+    sent: float = 0.0  # time.monotonic() when the request that got it went out
 
 
 class UpstreamFailure(Exception):
@@ -363,7 +364,7 @@ class Upstream:
                 upstream_status=status,
             )
         return UpstreamAnswer(
-            status=status, body=data, content_type=answer_type, answer=parsed, latency=latency
+            status=status, body=data, content_type=answer_type, answer=parsed, latency=latency, sent=started
         )
 
     async def _read_limited(self, response: aiohttp.ClientResponse) -> bytes:

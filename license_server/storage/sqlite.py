@@ -81,7 +81,8 @@ class SqliteWorker:
 
         The future is done once that transaction committed (or failed, which is logged: callers go on).
         """
-        return self._commits.add(fn).done
+        # shielded: one caller cancelled (a call cut short) must not cancel the batch the others wait for
+        return asyncio.shield(self._commits.add(fn).done)
 
     def submit(self) -> None:
         """Send the queued writes to the worker thread now."""
