@@ -449,9 +449,18 @@ SABOTAGES = (
     Sabotage(
         "the throttle's address table is bounded",
         "license_server/admin/throttle.py",
-        "while len(self._failures) > self._max:",
-        "while len(self._failures) > self._max * 10:",
+        "if len(self._failures) >= self._max and not",
+        "if len(self._failures) >= self._max * 10 and not",
         ("tests/test_admin_auth.py::TestThrottle::test_the_address_table_is_bounded",),
+    ),
+    Sabotage(
+        "rotating addresses past a full throttle table wins no guesses",
+        "license_server/admin/throttle.py",
+        "entry.count = FREE_FAILURES - 1",
+        "entry.count = 0",
+        (
+            "tests/test_admin_auth.py::TestThrottle::test_rotating_addresses_past_a_full_table_wins_no_guesses",
+        ),
     ),
     Sabotage(
         "a flood of wrong tokens cannot fill the audit trail",

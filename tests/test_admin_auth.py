@@ -24,6 +24,7 @@ from license_server.admin.throttle import (
     FORGET_AFTER,
     FREE_FAILURES,
     MAX_ADDRESSES,
+    MAX_WAIT,
     RECORDS_PER_MINUTE,
     Throttle,
 )
@@ -449,6 +450,22 @@ class TestThrottle:
         assert len(throttle) == MAX_ADDRESSES
         clock.advance(FORGET_AFTER)
         assert throttle.wait("2001:db8::1") is None
+
+    def test_rotating_addresses_past_a_full_table_wins_no_guesses(self, clock: Clock) -> None:
+        """With every remembered address waiting, a newcomer waits after its first wrong token."""
+        throttle = Throttle(clock, max_addresses=3)
+        for number in range(3):
+            for _ in range(FREE_FAILURES):
+                throttle.failed(f"10.0.0.{number}")
+        assert all(throttle.wait(f"10.0.0.{number}") for number in range(3))
+        assert throttle.failed("10.0.1.1") > 0
+        assert throttle.wait("10.0.1.1") is not None
+        assert len(throttle) == 3
+        clock.advance(
+            MAX_WAIT + 1
+        )  # nobody waits now: a quiet address makes room, and guesses are free again
+        assert throttle.failed("10.0.2.1") == 0
+        assert len(throttle) == 3
 
 
 class TestWeakSecrets:

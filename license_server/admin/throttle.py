@@ -14,7 +14,7 @@ FREE_FAILURES = 5  # wrong tokens an address may send in a row before it has to 
 FIRST_WAIT = 1.0  # seconds it then waits before its next token is checked; doubled with each wrong one
 MAX_WAIT = 300.0  # the longest wait: past it, one guess per address every 5 minutes
 FORGET_AFTER = 3600.0  # an address's failures are forgotten after an hour without a new one
-MAX_ADDRESSES = 10_000  # addresses remembered at most; when full, the one quiet longest is forgotten
+MAX_ADDRESSES = 10_000  # addresses remembered at most; when full, the quietest one not waiting is forgotten
 RECORDS_PER_MINUTE = 60  # failed attempts written to the audit trail a minute at most, all addresses together
 _MAX_DOUBLINGS = 20  # 2**20 seconds is far past MAX_WAIT; keeps the power small
 
@@ -67,7 +67,14 @@ class Throttle:
         now = self._clock()
         self._forget_quiet(now)
         key = address_key(client)
-        entry = self._failures.pop(key, None) or _Failures(0, now, now)
+        entry = self._failures.pop(key, None)
+        if entry is None:
+            entry = _Failures(0, now, now)
+            if len(self._failures) >= self._max and not self._forget_one_not_waiting(now):
+                # Every address remembered is waiting: forgetting one for a newcomer must not hand out free
+                # guesses, or rotating through more addresses than the table holds would undo the waits.
+                self._failures.popitem(last=False)
+                entry.count = FREE_FAILURES - 1
         entry.count += 1
         entry.last = now
         wait = 0.0
@@ -75,8 +82,6 @@ class Throttle:
             wait = min(MAX_WAIT, FIRST_WAIT * 2 ** min(entry.count - FREE_FAILURES, _MAX_DOUBLINGS))
         entry.until = now + wait
         self._failures[key] = entry
-        while len(self._failures) > self._max:
-            self._failures.popitem(last=False)
         return wait
 
     def succeeded(self, client: str) -> None:
@@ -85,6 +90,14 @@ class Throttle:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+    def _forget_one_not_waiting(self, now: float) -> bool:
+        """Forget the address that failed least recently among those not waiting; False when all wait."""
+        for key, entry in self._failures.items():
+            if entry.until <= now:
+                del self._failures[key]
+                return True
+        return False
 
     def _forget_quiet(self, now: float) -> None:
         """Drop addresses whose last failure is older than FORGET_AFTER (they are at the front)."""
