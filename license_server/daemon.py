@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import os
 import signal
 import socket
@@ -17,7 +16,7 @@ from license_server.admin.app import AdminServer, start_admin
 from license_server.background import Background
 from license_server.config import Config, ConfigError, describe
 from license_server.licensing.signatures import KeyFormatError
-from license_server.logs import CallLine, structlog_call_line
+from license_server.logs import CallLine, set_level, structlog_call_line
 from license_server.web.app import GUARD, SERVICES, Reloaded, create_app, prepare_reload
 from license_server.web.listener import ConnectionGuard, GuardedSite, ServerTls, tls_context
 
@@ -177,4 +176,4 @@ def _put_in_force(app: web.Application, reloaded: Reloaded, tls: ServerTls | Non
     guard.max_connections, guard.header_timeout = listen.max_connections, listen.header_timeout
     if tls is not None and reloaded.tls is not None:
         tls.use(reloaded.tls)
-    logging.getLogger().setLevel(reloaded.config.log.level.upper())
+    set_level(reloaded.config.log.level)

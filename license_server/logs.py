@@ -123,8 +123,13 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     listener = _Listener(records, handler)
     root = logging.getLogger()
     root.handlers[:] = [_PassThroughQueueHandler(records)]
-    root.setLevel(_LEVELS.get(level, logging.INFO))
+    set_level(level)
     # aiohttp's access log prints query strings, where Node SDK users put their token: it stays off.
     logging.getLogger("aiohttp.access").disabled = True
     listener.start()
     return Logging(listener, records, as_json)
+
+
+def set_level(level: str) -> None:
+    """Set the level of every log record, at start and on a reload."""
+    logging.getLogger().setLevel(_LEVELS.get(level, logging.INFO))

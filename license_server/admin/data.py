@@ -54,11 +54,10 @@ async def status(request: web.Request) -> dict[str, Any]:
 
 def period(value: str | None) -> int:
     """Days of a licenses period from a query field (30 when absent)."""
-    if value is None or value == "":
-        return 30
-    if not value.isascii() or not value.isdigit() or len(value) > 4 or not 1 <= int(value) <= 3650:
-        raise BadQueryError("days: expected a number of days between 1 and 3650")
-    return int(value)
+    try:
+        return limit(value, 30, 3650)
+    except BadQueryError:
+        raise BadQueryError("days: expected a number of days between 1 and 3650") from None
 
 
 async def license_list(request: web.Request, days: int, offset: int, most: int) -> dict[str, Any]:
@@ -104,29 +103,24 @@ def limit(value: str | None, default: int, most: int, least: int = 1) -> int:
     return int(value)
 
 
+def _named_limit(query: Mapping[str, str], name: str, default: int, most: int, least: int = 1) -> int:
+    """`limit` of one query field, its error naming the field."""
+    try:
+        return limit(query.get(name), default, most, least)
+    except BadQueryError as exc:
+        raise BadQueryError(f"{name}: {exc}") from None
+
+
 def api_window(query: Mapping[str, str]) -> tuple[int, int]:
     """(offset, limit) of an API list from its `offset` and `limit` fields; BadQueryError names the field."""
-    try:
-        most = limit(query.get("limit"), API_ROWS, MAX_ROWS)
-    except BadQueryError as exc:
-        raise BadQueryError(f"limit: {exc}") from None
-    try:
-        start = limit(query.get("offset"), 0, MAX_OFFSET, least=0)
-    except BadQueryError as exc:
-        raise BadQueryError(f"offset: {exc}") from None
-    return start, most
+    most = _named_limit(query, "limit", API_ROWS, MAX_ROWS)
+    return _named_limit(query, "offset", 0, MAX_OFFSET, least=0), most
 
 
 def page_window(query: Mapping[str, str]) -> tuple[int, int]:
     """(offset, limit) of a console page from its `page` and `per_page` fields; BadQueryError names one."""
-    try:
-        per_page = limit(query.get("per_page"), PAGE_ROWS, MAX_ROWS)
-    except BadQueryError as exc:
-        raise BadQueryError(f"per_page: {exc}") from None
-    try:
-        page = limit(query.get("page"), 1, MAX_OFFSET // per_page)
-    except BadQueryError as exc:
-        raise BadQueryError(f"page: {exc}") from None
+    per_page = _named_limit(query, "per_page", PAGE_ROWS, MAX_ROWS)
+    page = _named_limit(query, "page", 1, MAX_OFFSET // per_page)
     return (page - 1) * per_page, per_page
 
 

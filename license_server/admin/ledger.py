@@ -30,11 +30,6 @@ class Slice:
         end = self.offset + self.limit
         return end if end < self.total else None
 
-    @property
-    def previous_offset(self) -> int | None:
-        """Where the previous page starts, or None on the first one."""
-        return max(0, self.offset - self.limit) if self.offset > 0 else None
-
     @classmethod
     def of(cls, rows: list[dict[str, object]], offset: int, limit: int) -> Slice:
         """The page of `rows` that starts at `offset`."""

@@ -302,11 +302,18 @@ def _audit_row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pages(params: dict[str, str], current: int, total: int) -> list[tuple[str, str]]:
-    """Links to the previous and next pages of the same search: (label, href)."""
+    """Links to the newer and older pages of the same audit search: (label, href)."""
+    return _around("/audit", params, current, min(total, 200), ("← newer", "older →"))
+
+
+def _around(
+    path: str, params: dict[str, str], current: int, last: int, labels: tuple[str, str]
+) -> list[tuple[str, str]]:
+    """Links to the pages before and after `current` (of 1..last) of one search: (label, href)."""
     return [
-        (label, "/audit?" + urlencode({**params, "page": number}))
-        for label, number in (("← newer", current - 1), ("older →", current + 1))
-        if 1 <= number <= min(total, 200)
+        (label, f"{path}?" + urlencode({**params, "page": number}))
+        for label, number in zip(labels, (current - 1, current + 1), strict=True)
+        if 1 <= number <= last
     ]
 
 
@@ -323,12 +330,8 @@ def _page_links(request: web.Request, total: int, offset: int, per_page: int) ->
     for key, value in request.query.items():
         if key != "page":
             params.setdefault(key, value)  # the first of a field given twice, as the page itself reads it
-    current = offset // per_page + 1
-    return [
-        (label, f"{request.path}?" + urlencode({**params, "page": number}))
-        for label, number in (("← previous", current - 1), ("next →", current + 1))
-        if number >= 1 and (number - 1) * per_page < total
-    ]
+    last = -(-total // per_page)  # pages needed for `total` rows
+    return _around(request.path, params, offset // per_page + 1, last, ("← previous", "next →"))
 
 
 def _field(fields: Any, name: str) -> str:

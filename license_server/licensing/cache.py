@@ -77,14 +77,13 @@ class AnswerCache:
             return False
         return signed is not None and verify_signed(self.keyring, signed)
 
-    async def forget(self, product_id: str, license_key: str, machine_code: str | None = None) -> int:
-        """Drop kept answers of a license, or of one machine of it, from memory and disk."""
+    async def forget(self, product_id: str, license_key: str) -> int:
+        """Drop every kept answer of a license from memory and disk."""
         license_key = license_key.upper()
         if self._memory is not None:
             for cache_key in list(self._memory.by_license.get((product_id, license_key), ())):
-                if machine_code is None or self._memory[cache_key].machine_code == machine_code:
-                    del self._memory[cache_key]
-        return await self.store.forget(product_id, license_key, machine_code)
+                del self._memory[cache_key]
+        return await self.store.forget(product_id, license_key)
 
     async def forget_machine(self, product_id: str, license_key: str, machine_code: str) -> int:
         """Drop what could revive a freed machine: its kept answers, and kept GetKey answers listing it.

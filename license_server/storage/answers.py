@@ -107,7 +107,7 @@ class Store:
         """The kept answer for a cache key, or None; a row whose digest does not match is dropped."""
         if (pending := self._pending.get(cache_key)) is not None:
             return pending
-        return await self._db.run(self._counting(lambda db: _get(db, cache_key)))
+        return await self._db.run(lambda db: _get(db, cache_key, self._read_count))
 
     def _counting(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
         """`fn`, followed by taking the count it may have changed."""
@@ -119,15 +119,12 @@ class Store:
 
         return counted
 
-    async def forget(self, product_id: str, license_key: str, machine_code: str | None = None) -> int:
-        """Drop the kept answers of a license (or of one machine of it); returns how many rows went."""
+    async def forget(self, product_id: str, license_key: str) -> int:
+        """Drop the kept answers of a license; returns how many rows went."""
         for key in [k for k, v in self._pending.items() if v.license == (product_id, license_key)]:
-            if machine_code is None or self._pending[key].machine_code == machine_code:
-                del self._pending[key]
+            del self._pending[key]
         self._db.submit()  # queued writes land first, so a forget is never undone by them
-        return await self._db.run(
-            self._counting(lambda db: _forget(db, product_id, license_key, machine_code))
-        )
+        return await self._db.run(self._counting(lambda db: _forget(db, product_id, license_key)))
 
     async def forget_machine(
         self, product_id: str, license_key: str, machine_code: str, lists: Callable[[bytes], bool]
@@ -192,8 +189,10 @@ def _put(db: sqlite3.Connection, kept: Kept) -> None:
     )
 
 
-def _get(db: sqlite3.Connection, cache_key: bytes) -> Kept | None:
-    """Read one kept answer, dropping it if its body no longer matches its digest."""
+def _get(
+    db: sqlite3.Connection, cache_key: bytes, dropped: Callable[[sqlite3.Connection], None]
+) -> Kept | None:
+    """Read one kept answer, dropping it (and telling `dropped`) if its body no longer matches its digest."""
     row = db.execute(
         "SELECT method, product_id, license_key, machine_code, fetched_at, body, digest"
         " FROM answers WHERE cache_key = ?",
@@ -205,6 +204,7 @@ def _get(db: sqlite3.Connection, cache_key: bytes) -> Kept | None:
     if not isinstance(body, bytes) or hashlib.sha256(body).digest() != digest:
         log.error("store_entry_corrupt_dropped", product_id=product_id, license_key=license_key)
         _forget_key(db, cache_key)
+        dropped(db)
         return None
     return Kept(cache_key, method, product_id, license_key, machine_code, float(fetched_at), body)
 
@@ -221,18 +221,12 @@ def _activations(
     return [(bytes(body), float(fetched)) for body, fetched in rows]
 
 
-def _forget(db: sqlite3.Connection, product_id: str, license_key: str, machine_code: str | None) -> int:
-    """Delete the rows of a license, or of one machine of it."""
+def _forget(db: sqlite3.Connection, product_id: str, license_key: str) -> int:
+    """Delete the rows of a license."""
     with db:
-        if machine_code is None:
-            cursor = db.execute(
-                "DELETE FROM answers WHERE product_id = ? AND license_key = ?", (product_id, license_key)
-            )
-        else:
-            cursor = db.execute(
-                "DELETE FROM answers WHERE product_id = ? AND license_key = ? AND machine_code = ?",
-                (product_id, license_key, machine_code),
-            )
+        cursor = db.execute(
+            "DELETE FROM answers WHERE product_id = ? AND license_key = ?", (product_id, license_key)
+        )
     return cursor.rowcount
 
 

@@ -47,8 +47,8 @@ class AnswerStore(Protocol):
         """The kept answer for a cache key (queued ones included), or None; a damaged one is dropped."""
         ...
 
-    async def forget(self, product_id: str, license_key: str, machine_code: str | None = None) -> int:
-        """Drop the kept answers of a license, or of one machine of it; returns how many went."""
+    async def forget(self, product_id: str, license_key: str) -> int:
+        """Drop the kept answers of a license; returns how many went."""
         ...
 
     async def forget_machine(

@@ -24,8 +24,7 @@ from license_server.logs import CallLine, structlog_call_line
 from license_server.storage.answers import Store
 from license_server.storage.seats import BootClock, LeaseClock, SeatLedger
 from license_server.storage.state import (
-    ANSWERS_FILE,
-    SEATS_FILE,
+    StateFolder,
     StateLock,
     load_fingerprint_key,
     warn_if_open,
@@ -57,13 +56,13 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.to_thread(warn_if_open, folder)
         opened.callback(log.info, "state_flushed", state_dir=str(config.state_dir))
         secret = await asyncio.to_thread(load_fingerprint_key, config.state_dir)
-        store = Store(config.state_dir / ANSWERS_FILE)
+        store = Store(StateFolder(config.state_dir).answers)
         kept = await store.open()
         opened.push_async_callback(store.close)
         lease_clock = app.get(LEASE_CLOCK)
         if lease_clock is None:
             lease_clock = await asyncio.to_thread(BootClock)
-        seats = SeatLedger(config.state_dir / SEATS_FILE, lease_clock=lease_clock, clock=app[CLOCK])
+        seats = SeatLedger(StateFolder(config.state_dir).seats, lease_clock=lease_clock, clock=app[CLOCK])
         live_leases = await seats.open()
         opened.push_async_callback(seats.close)
         audit = AuditLog(config.audit_dir, config.audit, app[CLOCK])
