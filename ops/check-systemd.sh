@@ -51,7 +51,15 @@ wait_for() {
 cleanup() {
     local status=$?
     set +e
+    if ((status != 0)) && [[ -f $WORK/console.log ]]; then
+        # Before the power-off below fills the console with its own lines.
+        echo "--- container console (last 40 lines before stopping it) ---" >&2
+        tail -n 40 "$WORK/console.log" >&2
+    fi
     if ((status != 0)) && [[ -n $LEADER ]] && kill -0 "$LEADER" 2>/dev/null; then
+        echo "--- init: pid $LEADER, $(cat "/proc/$LEADER/comm" 2>/dev/null); state: $(inside 5 systemctl is-system-running 2>&1) ---" >&2
+        echo "--- jobs still queued ---" >&2
+        inside 10 systemctl --no-pager list-jobs >&2
         echo "--- journal of $UNIT in the container (last 60 lines) ---" >&2
         inside 20 journalctl --no-pager -u "$UNIT" -n 60 -o short-precise >&2
         echo "--- failed units ---" >&2
@@ -64,10 +72,6 @@ cleanup() {
         while kill -0 "$NSPAWN_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
         kill -KILL "$NSPAWN_PID" 2>/dev/null
         wait "$NSPAWN_PID" 2>/dev/null
-    fi
-    if ((status != 0)) && [[ -f $WORK/console.log ]]; then
-        echo "--- container console (last 30 lines) ---" >&2
-        tail -n 30 "$WORK/console.log" >&2
     fi
     stop_fake_upstream
     # nspawn cannot remove this itself where /run is not a tmpfs.
@@ -158,19 +162,30 @@ timeout 900 systemd-nspawn --quiet --boot --directory="$ROOT" --machine="$MACHIN
     --register=no --keep-unit --console=read-only --bind="$CACHE/pip:/root/.cache/pip" \
     >"$WORK/console.log" 2>&1 &
 NSPAWN_PID=$!  # timeout's, which passes SIGTERM on to systemd-nspawn
+# The container's init: the child of nspawn's inner process that is systemd. nspawn forks short-lived
+# helpers too, and taking one of them would make every later command inside fail.
 find_leader() {
     kill -0 "$NSPAWN_PID" 2>/dev/null || fail "systemd-nspawn exited: $(tail -n 5 "$WORK/console.log")"
-    local nspawn
+    local nspawn pid
+    LEADER=
     nspawn=$(pgrep -P "$NSPAWN_PID" -x systemd-nspawn) || return 1
-    LEADER=$(pgrep -P "$nspawn" | head -n1)
-    [[ -n $LEADER ]]
+    for pid in $(pgrep -P "$nspawn"); do
+        if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == systemd ]]; then
+            LEADER=$pid
+            return 0
+        fi
+    done
+    return 1
 }
 deadline=$((SECONDS + 30))
 until find_leader; do
     ((SECONDS < deadline)) || fail "the container's init did not appear within 30s"
     sleep 0.2
 done
-booted() { [[ $(inside 5 systemctl is-system-running 2>/dev/null) =~ ^(running|degraded)$ ]]; }
+booted() {
+    kill -0 "$LEADER" 2>/dev/null || find_leader || return 1
+    [[ $(inside 5 systemctl is-system-running 2>/dev/null) =~ ^(running|degraded)$ ]]
+}
 # Past systemd's own 90 s job timeout: a unit of the container that waits for something missing ends as
 # "degraded" then, which is fine here, instead of this check giving up a moment before.
 wait_for 180 "the container booting" booted
