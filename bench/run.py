@@ -216,6 +216,7 @@ def start_daemon(
     state_dir: Path,
     offline: bool,
     memory_entries: int | None = None,
+    database_url: str | None = None,
 ) -> Server:
     """Write a configuration and start `license-server serve`, JSON log at level info to a file."""
     folder = bench.run_dir(name)
@@ -229,6 +230,9 @@ def start_daemon(
     }
     if memory_entries is not None:
         config["keep"] = {"memory_entries": memory_entries}
+    if database_url is not None:  # the PostgreSQL backend (bench/backends.py)
+        config["database"] = {"url": database_url}
+        config["node"] = {"name": "bench"}
     config_file = folder / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [str(Path(sys.executable).parent / "license-server"), "serve", "--config", str(config_file)]
@@ -825,6 +829,12 @@ def main(argv: list[str] | None = None) -> int:
             startup_and_memory(bench)
             print("bench: seat report", flush=True)
             seat_report(bench)
+            if args.quick:  # the full comparison is bench/backends.py (about 70 s)
+                from bench import backends
+
+                print("bench: kept and forwarded paths, SQLite and PostgreSQL backends", flush=True)
+                runs = backends.compare(bench, backends.QUICK)
+                bench.results["backends"] = {"runs": runs, "table": backends.table(runs, backends.QUICK)}
     except KeyboardInterrupt:
         print("bench: interrupted; every server was stopped", file=sys.stderr)
         return 130
@@ -851,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
             "(--quick: tiny data and one short repetition; a smoke run, not figures to compare with targets)"
         )
     print(text)
+    if "backends" in results:
+        print(f"\n{results['backends']['table']}")
     latest = (RESULTS / f"{name}.json").relative_to(ROOT)
     print(f"\nbench: {results['total_s']:.0f} s; raw runs and commands in {latest}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from license_server import __version__, logs
 from license_server.admin.credentials import token_file_problems
@@ -23,8 +24,9 @@ from license_server.licensing.license_files import LicenseFiles
 from license_server.licensing.signatures import KeyFormatError, load_keyring
 from license_server.reports import charts, machines, tables
 from license_server.reports import seats as reports
-from license_server.storage.seats import LedgerMissingError, LedgerUnreadableError, SqliteSeatReader
-from license_server.storage.state import StateFolder, StateInUseError
+from license_server.storage.backend import seat_reader
+from license_server.storage.seats import LedgerMissingError, LedgerUnreadableError
+from license_server.storage.state import StateInUseError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     report_sub = report.add_subparsers(dest="report_command", required=True)
     _add_seats_parser(report_sub)
     _add_machines_parser(report_sub)
+    _add_database_parser(sub)
     return parser
+
+
+def _add_database_parser(sub: Any) -> None:
+    """`database move-in`: copy this node's SQLite state into the shared database, once."""
+    database = sub.add_parser(
+        "database", help="the shared database of several nodes", description="The shared database."
+    )
+    database_sub = database.add_subparsers(dest="database_command", required=True)
+    text = (
+        "copy this node's kept answers and seat ledger from state_dir into database.url and ship its audit"
+        " trail there; stop the daemon first; running it again copies nothing twice"
+    )
+    _add_config_options(database_sub.add_parser("move-in", help=text, description=text))
 
 
 def _add_config_options(cmd: argparse.ArgumentParser) -> None:
@@ -103,6 +119,9 @@ def _add_search_parser(audit_sub: Any) -> None:
     cmd.add_argument("--name", help="part of the friendly name (any case)")
     cmd.add_argument("--product", help="product id (exact)")
     cmd.add_argument("--client", metavar="IP", help="workstation address (exact)")
+    cmd.add_argument(
+        "--node", metavar="NAME", help="the node that answered (exact; with database.url, any node's trail)"
+    )
     cmd.add_argument(
         "--action",
         choices=(*audit_search.ACTIONS, *audit_search.ADMIN_ACTIONS),
@@ -192,6 +211,38 @@ def _check(config: Config) -> list[str]:
     return [f"license_files: {p.path}: {p.reason}" for p in problems]
 
 
+def _check_config(config: Config) -> int:
+    """`check-config`: the resolved settings (node name included) and, with database.url, whether it answers.
+
+    Exit 2 for a configuration error, 1 when the database cannot be reached (a node that cannot reach its
+    database cannot start, so the configuration is not ready), else 0. The database's password, from the
+    URL or a file, is never printed: the URL is shown redacted, and libpq's errors never hold it.
+    """
+    from license_server.storage.postgres import DatabaseError, Reachability, connect_info, probe
+
+    problems = _check(config) + token_file_problems(config.admin)
+    for problem in problems:
+        print(f"license-server: configuration error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    summary = describe(config)
+    unreachable: str | None = None
+    if config.database.url is not None:
+        try:
+            found = probe(connect_info(config.database))
+        except DatabaseError as exc:  # the password file cannot be read, or is empty
+            found = Reachability(False, str(exc))
+        shown = summary["database"]
+        assert isinstance(shown, dict)
+        shown.update(reachable=found.reachable, schema_version=found.schema_version, state=found.detail)
+        unreachable = None if found.reachable else found.detail
+    print(json.dumps(summary, indent=2, default=str))
+    if unreachable is not None:
+        print(f"license-server: the database is not reachable: {unreachable}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `license-server` command."""
     args = _parser().parse_args(argv)
@@ -204,14 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _verify(args, config) if args.audit_command == "verify" else _search(args, config)
     if args.command == "report":
         return _report(args, config)
+    if args.command == "database":
+        return _move_in(config)
     if args.command == "check-config":
-        problems = _check(config) + token_file_problems(config.admin)
-        for problem in problems:
-            print(f"license-server: configuration error: {problem}", file=sys.stderr)
-        if problems:
-            return 2
-        print(json.dumps(describe(config), indent=2, default=str))
-        return 0
+        return _check_config(config)
     try:
         load_keyring(config.public_keys)
     except KeyFormatError as exc:
@@ -244,6 +291,8 @@ def _audit_folder(config: Config) -> Path | None:
 
 def _verify(args: argparse.Namespace, config: Config) -> int:
     """`audit verify`: 0 intact, 1 tampered with, 2 when it cannot be checked."""
+    if config.database.url is not None:
+        return _verify_database(args, config)
     folder = _audit_folder(config)
     if folder is None:
         return 2
@@ -257,6 +306,33 @@ def _verify(args: argparse.Namespace, config: Config) -> int:
         print(f"license-server: cannot read: {exc}", file=sys.stderr)
         return 2
     for line in audit_verify.summary(folder, report):
+        print(line)
+    return 0 if report.ok else 1
+
+
+def _verify_database(args: argparse.Namespace, config: Config) -> int:
+    """`audit verify` with a shared database: every node's chain there, against its anchored head."""
+    from license_server.storage.pg_audit import PgAuditStore  # a single node never loads it
+    from license_server.storage.postgres import DatabaseError, connect_info
+
+    try:
+        checkpoints = _checkpoints(args)
+    except ValueError as exc:
+        print(f"license-server: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"license-server: cannot read: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store = PgAuditStore(connect_info(config.database))
+        try:
+            report = audit_verify.verify_database(store, checkpoints=checkpoints, node=config.node.name)
+        finally:
+            store.close()
+    except DatabaseError as exc:
+        print(f"license-server: cannot read the shared audit trail: {exc}", file=sys.stderr)
+        return 2
+    for line in audit_verify.database_summary(report):
         print(line)
     return 0 if report.ok else 1
 
@@ -287,22 +363,59 @@ def _checkpoint(text: str) -> tuple[int, str]:
 
 def _search(args: argparse.Namespace, config: Config) -> int:
     """`audit search`: print the matching records; 0 even when none match, 2 for a bad option."""
-    folder = _audit_folder(config)
-    if folder is None:
-        return 2
     try:
         query = _query(args, datetime.now(UTC))
     except ValueError as exc:
         print(f"license-server: {exc}", file=sys.stderr)
         return 2
+    if config.database.url is not None:
+        return _search_database(args, config, query)
+    folder = _audit_folder(config)
+    if folder is None:
+        return 2
     stats = audit_search.SearchStats()
     records: Iterable[dict[str, Any]] = audit_search.search(folder, query, stats=stats)
+    if query.node is not None and query.node != config.node.name:
+        records = ()  # this node's files hold this node's records only
+    return _print_records(args, records, stats, shared=False)
+
+
+def _search_database(args: argparse.Namespace, config: Config, query: audit_search.Query) -> int:
+    """`audit search` with a shared database: the records of every node, each with its node's name."""
+    from license_server.storage.pg_audit import PgAuditStore  # a single node never loads it
+    from license_server.storage.postgres import DatabaseError, connect_info
+
+    try:
+        store = PgAuditStore(connect_info(config.database))
+    except DatabaseError as exc:
+        print(f"license-server: cannot read the shared audit trail: {exc}", file=sys.stderr)
+        return 2
+    stats = audit_search.SearchStats()
+    try:
+        return _print_records(
+            args, audit_search.search_database(store, query, stats=stats), stats, shared=True
+        )
+    except DatabaseError as exc:
+        print(f"license-server: cannot read the shared audit trail: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+
+
+def _print_records(
+    args: argparse.Namespace,
+    records: Iterable[dict[str, Any]],
+    stats: audit_search.SearchStats,
+    *,
+    shared: bool,
+) -> int:
+    """Print the records in the format asked for; `shared`: with the node of each (the shared trail)."""
     if args.limit is not None:
         records = itertools.islice(records, args.limit)
-    write = {
-        "table": audit_search.write_table,
+    write: dict[str, Callable[[Iterable[dict[str, Any]], TextIO], int]] = {
+        "table": functools.partial(audit_search.write_table, nodes=shared),
         "json": tables.write_json,
-        "csv": audit_search.write_csv,
+        "csv": functools.partial(audit_search.write_csv, nodes=shared),
     }
     try:
         write[args.format](records, sys.stdout)
@@ -337,6 +450,7 @@ def _query(args: argparse.Namespace, now: datetime) -> audit_search.Query:
         product=args.product,
         action=args.action,
         client=args.client,
+        node=args.node,
     )
 
 
@@ -348,7 +462,7 @@ def _report(args: argparse.Namespace, config: Config) -> int:
             charts.chart_format(args.chart)
             charts.require()
         # One snapshot of the ledger, read whole before anything is written (a pager may hold the output).
-        with SqliteSeatReader(StateFolder(config.state_dir).seats).snapshot() as ledger:
+        with seat_reader(config).snapshot() as ledger:
             if isinstance(request, reports.SeatQuery):
                 max_steps = charts.MAX_STEP_POINTS if args.chart is not None else 0
                 found: reports.SeatReport | list[dict[str, object]] = reports.seat_report(
@@ -421,6 +535,61 @@ def _print(write: Callable[[], object]) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _move_in(config: Config) -> int:
+    """`database move-in`: 0 moved in (or before), 1 state in use or database failed, 2 nothing to do."""
+    from license_server.storage import move_in  # here: the other commands start faster without psycopg
+    from license_server.storage.postgres import DatabaseError, connect_info
+
+    if config.database.url is None:
+        print("license-server: database.url is not set: there is no database to move into", file=sys.stderr)
+        return 2
+    folders = [config.state_dir]
+    if not config.audit_dir.is_relative_to(config.state_dir):
+        folders.append(config.audit_dir)
+    try:
+        info = connect_info(config.database)
+        with move_in.locked(*folders):
+            asyncio.run(_migrated(info))
+            moved = move_in.move_in(config.state_dir, info, config.node.name)
+            for line in moved.lines():
+                print(line)
+            shipped = _ship_audit(config, info)
+    except StateInUseError as exc:
+        print(f"license-server: {exc}: stop the daemon on this node before moving in", file=sys.stderr)
+        return 1
+    except move_in.MoveInError as exc:
+        print(f"license-server: {exc}", file=sys.stderr)
+        return 2
+    except (DatabaseError, OSError) as exc:
+        print(f"license-server: {exc}", file=sys.stderr)
+        return 1
+    print(f"  audit records shipped: {shipped}")
+    return 0
+
+
+async def _migrated(info: Any) -> None:
+    """Create or migrate the database's schema, then let go of it."""
+    from license_server.storage.postgres import Database
+
+    database = Database(info)
+    await database.open()
+    await database.close()
+
+
+def _ship_audit(config: Config, info: Any) -> int:
+    """Join this node's audit folder to the shared trail; returns how many records were added (0 twice)."""
+    from license_server.audit.shipping import ship_folder
+    from license_server.storage.pg_audit import PgAuditStore
+
+    if not config.audit_dir.is_dir():
+        return 0
+    store = PgAuditStore(info)
+    try:
+        return ship_folder(config.audit_dir, config.node.name, store)
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
@@ -586,6 +587,71 @@ class AdminConfig:
     secure_cookie: str = field(default="auto", metadata=_rule(_secure_cookie, text=True))
 
 
+def _database_url(value: object, origin: _Origin) -> str | None:
+    """A libpq URL (postgresql://user@host:port/database), or None for the embedded SQLite stores."""
+    if value is None:
+        return None
+    expected = "expected a PostgreSQL URL like postgresql://license@db.example.internal:5432/license_server"
+    url = _clean_url_text(value, expected)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as error:
+        raise _BadValueError(f"{expected}, got {redact_url(url)} ({error})") from None
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise _BadValueError(f"{expected}, got {redact_url(url)}")
+    return url
+
+
+def redact_url(url: str) -> str:
+    """A database URL as it may be shown: any password in it replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(a URL that cannot be read)"
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = parts.query
+    if query:  # libpq also takes the password as a parameter: ?password=...
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(name, "***" if name.lower() == "password" else value) for name, value in pairs], safe="*"
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _node_name(value: object, origin: _Origin) -> str:
+    """How this node is named in the audit trail, /status, metrics and the console."""
+    name = _label(value, origin)
+    return _host_name() if name is None else name
+
+
+def _host_name() -> str:
+    """This machine's host name, the default name of a node."""
+    return (socket.gethostname().strip() or "localhost")[:64]
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """Where several nodes keep their shared state; no URL: the embedded SQLite stores in state_dir."""
+
+    # libpq URL; null: SQLite files in state_dir, one node
+    url: str | None = field(default=None, metadata=_rule(_database_url, text=True))
+    # file holding the database password; null: $CREDENTIALS_DIRECTORY/database-password, else libpq's own
+    # ways (PGPASSFILE, ~/.pgpass, a password in the URL)
+    password_file: Path | None = field(default=None, metadata=_rule(_existing_file, text=True))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """This daemon among several sharing one database."""
+
+    # its name in the audit trail, /status, metrics and the console; null: the host name
+    name: str = field(default_factory=_host_name, metadata=_rule(_node_name, text=True))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the daemon is told, checked and resolved; build it with `load_config`."""
@@ -600,6 +666,8 @@ class Config:
     log: LogConfig = LogConfig()
     audit: AuditConfig = AuditConfig()
     admin: AdminConfig = AdminConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    node: NodeConfig = NodeConfig()
     shutdown_timeout: float = field(default=10.0, metadata=_rule(_duration(zero_allowed=False)))
     # where the settings came from, e.g. "/etc/license-server/config.yaml + environment"
     source: str = "built-in defaults"
@@ -620,6 +688,8 @@ RESTART_ONLY: tuple[str, ...] = (
     "listen.tls_key",
     "listen.keepalive_timeout",
     "state_dir",
+    "database",
+    "node",
     "audit",
     "admin",
     "keep.memory_entries",
@@ -956,4 +1026,6 @@ def describe(config: Config) -> dict[str, object]:
     """A JSON-able summary of the settings for the start-up log: public keys only counted, nothing secret."""
     summary = _summary(config)
     summary["public_keys"] = len(config.public_keys)
+    if config.database.url is not None:
+        summary["database"] = {**_summary(config.database), "url": redact_url(config.database.url)}
     return summary

@@ -367,8 +367,8 @@ SABOTAGES = (
     Sabotage(
         "check-config fails on license files",
         "license_server/cli.py",
-        "        if problems:\n            return 2",
-        '        if any(p.startswith("public_key") for p in problems):\n            return 2',
+        "    if problems:\n        return 2",
+        '    if any(p.startswith("public_key") for p in problems):\n        return 2',
         ("tests/test_config.py::TestCheckConfig",),
     ),
     Sabotage(
@@ -515,6 +515,37 @@ SABOTAGES = (
         "return int(call.product_id) == signed",
         "return call.product_id == str(signed)",
         ("tests/test_proxy.py::TestExactValues::test_product_id_read_as_a_number",),
+    ),
+    # -- several nodes on PostgreSQL ---------------------------------------------------------------------
+    Sabotage(
+        "a seat granted during an outage locks its license's row",
+        "license_server/storage/pg_seats.py",
+        "WHERE product_id = %s AND license_key = %s FOR UPDATE",
+        "WHERE product_id = %s AND license_key = %s",
+        (
+            "tests/test_seat_store_contract.py::TestSeveralNodes::test_fifty_over_three_nodes_grant_exactly_ten",
+        ),
+    ),
+    Sabotage(
+        "a node that missed a NOTIFY still drops what another node dropped",
+        "license_server/storage/pg_answers.py",
+        'await conn.execute("INSERT INTO answer_drops (payload) VALUES (%s)", (payload,))',
+        "pass",
+        ("tests/test_answer_store_contract.py::TestDroppedOnEveryNode",),
+    ),
+    Sabotage(
+        "the database anchors each node's audit head",
+        "license_server/storage/pg_audit.py",
+        "                if head_seq is None or last > head_seq:",
+        "                if head_seq is None:",
+        ("tests/test_audit_shared.py",),
+    ),
+    Sabotage(
+        "the database keeps console sessions only as hashes",
+        "license_server/admin/sessions.py",
+        'return hashlib.sha256(sid.encode("utf-8", "surrogatepass")).digest()',
+        'return sid.encode("utf-8", "surrogatepass")',
+        ("tests/test_shared_console.py",),
     ),
 )
 

@@ -29,6 +29,7 @@ from license_server.config import AdminConfig, Config, load_config
 from license_server.web.app import SERVICES, create_app
 from tests.admin_support import ADMIN_TOKEN, UPSTREAM_TOKEN, Admin
 from tests.fake_upstream import FakeCryptolens, generate_key
+from tests.pgcluster import Cluster
 
 TOKEN = "good-token"
 PRODUCT = 3349
@@ -56,6 +57,22 @@ def blockbuster() -> Iterator[BlockBuster]:
     """Fail any test in which the daemon blocks the event loop (file, socket or SQLite I/O, sleeps)."""
     with blockbuster_ctx("license_server") as detector:
         yield detector
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One throw-away PostgreSQL server for the whole run, started on first use."""
+    cluster = Cluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Cluster) -> str:
+    """The URL of a fresh, empty database of the test cluster."""
+    return pg_cluster.new_database()
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def take(self, machine: str, interval: int, overdraft: int) -> None:
         """A workstation asks for a floating seat while upstream is down."""
         live = self._live_model()
-        granted = self._in_loop(lambda: self.ledger.take(LIC, machine, interval, overdraft) is not None)
+        granted = self.loop.run_until_complete(self.ledger.take(LIC, machine, interval, overdraft))
         regular = sum(1 for _, od in live.values() if not od)
         if machine in live:
             expected, as_overdraft = True, live[machine][1]

@@ -27,10 +27,11 @@ from license_server.admin.keys import (
     VERIFIER,
     Assets,
 )
-from license_server.admin.sessions import Sessions
+from license_server.admin.sessions import MAX_SESSIONS, MemorySessions, SharedSessions
 from license_server.admin.throttle import RecordBudget, Throttle
 from license_server.admin.trail import Verifier
 from license_server.config import AdminConfig, is_loopback
+from license_server.storage.pg_sessions import PgSessionTable
 from license_server.web.handlers import status_document
 from license_server.web.keys import Services
 from license_server.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -55,8 +56,13 @@ def create_admin_app(
     app[SETTINGS] = settings
     app[ADMIN_TOKEN] = admin_token
     app[ASSETS] = assets
-    app[SESSIONS] = Sessions(settings.session_lifetime, clock)
-    app[VERIFIER] = Verifier(services.config.audit_dir, clock)
+    database = services.database
+    app[SESSIONS] = (
+        MemorySessions(settings.session_lifetime, clock)
+        if database is None
+        else SharedSessions(PgSessionTable(database, MAX_SESSIONS), settings.session_lifetime)
+    )
+    app[VERIFIER] = Verifier(services.config.audit_dir, clock, services.config.database)
     app[CHART_LOCK] = asyncio.Lock()
     app[THROTTLE] = Throttle(clock)
     app[FAILURE_RECORDS] = RecordBudget(clock)

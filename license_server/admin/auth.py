@@ -25,8 +25,9 @@ from license_server.admin.keys import (
     Principal,
 )
 from license_server.admin.render import error, is_api, page
-from license_server.admin.sessions import COOKIE, Session, Sessions
+from license_server.admin.sessions import COOKIE, Session, csrf_ok
 from license_server.admin.throttle import FREE_FAILURES
+from license_server.storage.postgres import DatabaseError
 
 log = structlog.get_logger(__name__)
 
@@ -73,13 +74,14 @@ async def _checked(request: web.Request, handler: Handler) -> web.StreamResponse
             return refusal
         principal = Principal(request.app[SETTINGS].label or "admin", request.remote or "", None)
     else:
-        session = request.app[SESSIONS].find(request.cookies.get(COOKIE))
+        try:
+            session = await request.app[SESSIONS].find(request.cookies.get(COOKIE))
+        except DatabaseError as exc:
+            return unavailable(request, exc)
         if session is None:
             return unauthorized(request)
         principal = Principal(session.who, request.remote or "", session)
-        if request.method not in _SAFE_METHODS and not await _csrf_ok(
-            request, request.app[SESSIONS], session
-        ):
+        if request.method not in _SAFE_METHODS and not await _csrf_ok(request, session):
             return error(
                 request,
                 403,
@@ -139,13 +141,22 @@ def too_many(request: web.Request, wait: int, target: str = "/") -> web.Response
     return response
 
 
-async def _csrf_ok(request: web.Request, sessions: Sessions, session: Session) -> bool:
+async def _csrf_ok(request: web.Request, session: Session) -> bool:
     """Whether a change made with a session cookie carries the session's CSRF token (header or form)."""
     given = request.headers.get(CSRF_HEADER)
     if given is None and request.content_type == _FORM:
         value = (await request.post()).get("csrf")
         given = value if isinstance(value, str) else None
-    return sessions.csrf_ok(session, given)
+    return csrf_ok(session, given)
+
+
+def unavailable(request: web.Request, exc: DatabaseError) -> web.Response:
+    """503: the logins are in the shared database, which did not answer (a bearer token needs no login)."""
+    log.warning("admin_sessions_unavailable", error=str(exc))  # the details for the admin, not the browser
+    message = "The database that holds the console's logins did not answer: try again shortly."
+    response = error(request, 503, message)
+    response.headers["Retry-After"] = "5"
+    return response
 
 
 def unauthorized(request: web.Request, message: str = "") -> web.Response:
@@ -184,8 +195,10 @@ async def login(request: web.Request) -> web.StreamResponse:
         await _failed(request, "login", {"actor": f"{who}@{client}#-", "client": client, "session": "-"})
         return login_page(request, "That is not the admin token.", target, status=401)
     request.app[THROTTLE].succeeded(client)
-    sessions = request.app[SESSIONS]
-    session, cookie = sessions.create(who, client)
+    try:
+        session, cookie = await request.app[SESSIONS].create(who, client)
+    except DatabaseError as exc:
+        return unavailable(request, exc)
     await request.app[CONSOLE].record(Principal(who, client, session).fields(), "login")
     response = see_other(_local(target))
     response.set_cookie(
@@ -221,7 +234,10 @@ async def logout(request: web.Request) -> web.StreamResponse:
     """POST /logout: end the session."""
     principal = request[PRINCIPAL]
     if principal.session is not None:
-        request.app[SESSIONS].end(principal.session)
+        try:
+            await request.app[SESSIONS].end(principal.session)
+        except DatabaseError as exc:  # the login would stay valid on the other nodes: say so, do not pretend
+            return unavailable(request, exc)
     await request.app[CONSOLE].record(principal.fields(), "logout")
     response = see_other("/login")
     response.del_cookie(COOKIE, path="/", secure=secure_cookie(request), httponly=True, samesite="Strict")

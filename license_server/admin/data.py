@@ -149,5 +149,5 @@ async def audit_page(request: web.Request, params: dict[str, str]) -> Page:
         per_page = limit(params.get("per_page"), PER_PAGE, 500)
     except ValueError as exc:
         raise BadQueryError(str(exc)) from None
-    folder = services_of(request).config.audit_dir
-    return await asyncio.to_thread(read_page, folder, query, page, per_page)
+    config = services_of(request).config
+    return await asyncio.to_thread(read_page, config.audit_dir, query, page, per_page, config.database)

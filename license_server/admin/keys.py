@@ -51,7 +51,7 @@ class Principal:
 
 ASSETS = web.AppKey("admin_assets", Assets)
 CONSOLE = web.AppKey("admin_console", Console)
-SESSIONS = web.AppKey("admin_sessions", Sessions)
+SESSIONS: web.AppKey[Sessions] = web.AppKey("admin_sessions")  # a Protocol: no class to name here
 VERIFIER = web.AppKey("admin_verifier", Verifier)
 SETTINGS = web.AppKey("admin_settings", AdminConfig)
 ADMIN_TOKEN = web.AppKey("admin_token", Secret)

@@ -63,7 +63,15 @@ async def status(request: web.Request) -> web.Response:
         can_act="yes" if console["can_act"] else "no: offline mode or no upstream token configured",
         vendor_keys=f"{console['vendor_keys']} vendor key(s)" if console["vendor_keys"] else "no vendor key",
         uptime=_duration(document["uptime_s"]),
+        database=_database(document.get("database")),
     )
+
+
+def _database(shown: object) -> str:
+    """Where the shared state is, in words: the database (its URL without password) or this node's files."""
+    if not isinstance(shown, dict):
+        return "this node's own files (state_dir)"
+    return f"{shown['url']} (schema version {shown['schema_version']})"
 
 
 async def licenses(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ import json
 from aiohttp import web
 
 from license_server import __version__
-from license_server.admin.keys import ASSETS, PRINCIPAL
+from license_server.admin.keys import ASSETS, CONSOLE, PRINCIPAL
 
 HTML = "text/html"
 
@@ -21,7 +21,7 @@ def page(request: web.Request, template: str, /, *, status: int = 200, **values:
     """A console page: a template that extends layout.html, given the page's values and the layout's own.
 
     The layout's values: the path (for the navigation), who is logged in (None without a session), the
-    session's CSRF token ("" without one), the daemon's version and the answer's status.
+    session's CSRF token ("" without one), the daemon's version, this node's name and the answer's status.
     """
     principal = request.get(PRINCIPAL)
     session = None if principal is None else principal.session
@@ -31,6 +31,7 @@ def page(request: web.Request, template: str, /, *, status: int = 200, **values:
         user=None if principal is None or session is None else principal.who,
         csrf="" if session is None else session.csrf,
         version=__version__,
+        node=request.app[CONSOLE].services.config.node.name,
         status=status,
         **values,
     )

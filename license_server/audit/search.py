@@ -8,11 +8,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from license_server.audit import chain
 from license_server.config import parse_duration
 from license_server.reports import tables
+
+if TYPE_CHECKING:
+    from license_server.storage.pg_audit import PgAuditStore
 
 # What the daemon did with a call (the `action` of a `call` record).
 ACTIONS: tuple[str, ...] = tuple(action.value for action in chain.Action)
@@ -57,6 +60,7 @@ class Query:
     product: str | None = None  # product id, exact
     action: str | None = None  # what the daemon or an admin did, one of ACTIONS or ADMIN_ACTIONS
     client: str | None = None  # workstation address, exact
+    node: str | None = None  # the node that wrote the record, exact: only the shared trail knows it
 
     def matches(self, record: dict[str, Any]) -> bool:
         """Whether one parsed record is a call or admin record that passes every filter."""
@@ -119,6 +123,36 @@ def search(folder: Path, query: Query, *, stats: SearchStats | None = None) -> I
     needles = query.needles()
     for path in _files_in_range(folder, query, tally):
         yield from _matching(path, query, needles, tally)
+
+
+# Record times are text to the microsecond; the database's seconds are a float, so its range is widened.
+_TIME_SLACK = 0.001
+
+
+def search_database(
+    store: PgAuditStore, query: Query, *, stats: SearchStats | None = None
+) -> Iterator[dict[str, Any]]:
+    """The call and admin records of every node in the shared trail that match, by time, node and seq.
+
+    Each record comes with the name of the node that wrote it as `node`, its first field.
+    """
+    tally = stats if stats is not None else SearchStats()
+    needles = query.needles()
+    rows = store.records(
+        None if query.since is None else chain.as_utc(query.since).timestamp() - _TIME_SLACK,
+        None if query.until is None else chain.as_utc(query.until).timestamp() + _TIME_SLACK,
+        None if query.node is None else [query.node],
+        containing=[needle for needle, folded in needles if not folded],
+    )
+    folded = [needle for needle in needles if needle[1]]
+    for node, _, _, line in rows:
+        if not all(_contains(line, needle, True) for needle, _ in folded):
+            continue
+        record = chain.parse_record(line)
+        if record is None:
+            tally.bad_lines += 1
+        elif query.matches(record):
+            yield {"node": node, **record}
 
 
 def _files_in_range(folder: Path, query: Query, stats: SearchStats) -> Iterator[Path]:
@@ -190,11 +224,15 @@ def parse_time(text: str, now: datetime) -> datetime:
 # --- output: records as rows for the writers of reports/tables.py --------------------------------------
 
 
-def write_table(records: Iterable[dict[str, Any]], out: TextIO) -> int:
-    """Write records as aligned columns under a header; widths are fixed from the first rows, to stream."""
-    rows = (_table_row(record) for record in records)
+def write_table(records: Iterable[dict[str, Any]], out: TextIO, *, nodes: bool = False) -> int:
+    """Write records as aligned columns under a header; widths are fixed from the first rows, to stream.
+
+    `nodes`: records of the shared trail, shown with the node that wrote each.
+    """
+    columns = _columns(_TABLE_COLUMNS, nodes, after=1)
+    rows = (_table_row(record, columns) for record in records)
     return tables.write_table(
-        _TABLE_COLUMNS,
+        columns,
         rows,
         out,
         empty="(no matching records)",
@@ -203,29 +241,39 @@ def write_table(records: Iterable[dict[str, Any]], out: TextIO) -> int:
     )
 
 
-def write_csv(records: Iterable[dict[str, Any]], out: TextIO) -> int:
-    """Write a header and one row per record with every call field (admin records: actor and details)."""
-    return tables.write_csv(_CSV_COLUMNS, (_csv_row(record) for record in records), out)
+def write_csv(records: Iterable[dict[str, Any]], out: TextIO, *, nodes: bool = False) -> int:
+    """Write a header and one row per record with every call field (admin records: actor and details).
+
+    `nodes`: records of the shared trail, with the node that wrote each as the first column.
+    """
+    columns = _columns(_CSV_COLUMNS, nodes, after=0)
+    return tables.write_csv(columns, (_csv_row(record, columns) for record in records), out)
 
 
-def _csv_row(record: dict[str, Any]) -> list[object]:
+def _columns(columns: tuple[str, ...], nodes: bool, *, after: int) -> tuple[str, ...]:
+    """The columns, with `node` put in at position `after` for records of the shared trail."""
+    return (*columns[:after], "node", *columns[after:]) if nodes else columns
+
+
+def _csv_row(record: dict[str, Any], columns: tuple[str, ...] = _CSV_COLUMNS) -> list[object]:
     """The CSV cells of one record: its call fields (or actor), and what else it holds as JSON details."""
-    return [*(record.get(column) for column in _CSV_COLUMNS[:-1]), _details(record, _CSV_COLUMNS)]
+    return [*(record.get(column) for column in columns[:-1]), _details(record, columns)]
 
 
-def _table_row(record: dict[str, Any]) -> list[str]:
+def _table_row(record: dict[str, Any], columns: tuple[str, ...] = _TABLE_COLUMNS) -> list[str]:
     """The table cells of one record; an admin record shows its actor as client and its details as message."""
     values = record
     if record.get("type") == chain.ADMIN:
         shown = ("key", "machine", "friendly_name", "action")
         values = {
             "time": record.get("time"),
+            "node": record.get("node"),
             "client": record.get("actor"),
             "api_method": "(admin)",
             **{column: record.get(column) for column in shown},
-            "message": _details(record, ("actor", *shown)),
+            "message": _details(record, ("actor", "node", *shown)),
         }
-    return [_cell(values.get(column), column) for column in _TABLE_COLUMNS]
+    return [_cell(values.get(column), column) for column in columns]
 
 
 def _cell(value: object, column: str) -> str:

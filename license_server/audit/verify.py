@@ -7,9 +7,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from license_server.audit import chain
+
+if TYPE_CHECKING:
+    from license_server.storage.pg_audit import AuditRow, PgAuditStore
 
 _HEADER = ("seq", "time", "prev", "type")
 CHECKPOINT_EVENT = "audit_checkpoint"  # the operational log's event that carries the head of the chain
@@ -539,6 +542,268 @@ class _Walk:
                     "lines)"
                 )
         return ""
+
+
+# --- the shared trail: each node's chain in the database, against its anchored head ------------------
+
+_TIME_SLACK = 0.001  # seconds between a record's time text and the float stored beside it for searches
+
+
+@dataclass(frozen=True, slots=True)
+class NodeProblem:
+    """The first place where a node's chain in the database is not what the node shipped, and why."""
+
+    node: str
+    seq: int  # the sequence number that belongs at this place
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReport:
+    """What the walk of one node's chain in the database found."""
+
+    node: str
+    problem: NodeProblem | None
+    records: int
+    first_seq: int | None
+    last_seq: int | None
+    head: tuple[int, str] | None  # the anchored (seq, hash)
+    retention_start: int | None
+    recovered: int  # crashes the node recovered from (records in the chain, not tampering)
+    lost_records: int  # counted by gap records
+    checkpoints_checked: int
+    notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """Whether the node's chain is intact."""
+        return self.problem is None
+
+
+@dataclass(frozen=True, slots=True)
+class SharedReport:
+    """What `verify_database` found, node by node."""
+
+    nodes: list[NodeReport]
+
+    @property
+    def ok(self) -> bool:
+        """Whether every node's chain is intact."""
+        return all(node.ok for node in self.nodes)
+
+    @property
+    def records(self) -> int:
+        """Records that check out, over every node."""
+        return sum(node.records for node in self.nodes)
+
+    @property
+    def problems(self) -> list[NodeProblem]:
+        """The first problem of each node that has one."""
+        return [node.problem for node in self.nodes if node.problem is not None]
+
+
+def verify_database(
+    store: PgAuditStore, *, checkpoints: Sequence[tuple[int, str]] = (), node: str | None = None
+) -> SharedReport:
+    """Walk every node's chain in the shared database against its anchored head (blocking).
+
+    `checkpoints` are (seq, hash) pairs from the operational log of node `node` (this node); each must
+    match that node's chain, unless it is beyond what was shipped so far. Raises DatabaseError when the
+    database cannot be read: that is no verdict either way.
+    """
+    heads = store.heads()
+    reports = []
+    for name in store.nodes():
+        mine = checkpoints if name == node else ()
+        reports.append(_NodeWalk(name, heads.get(name), mine).run(store.chain(name)))
+    return SharedReport(reports)
+
+
+def database_summary(report: SharedReport) -> list[str]:
+    """The report as short lines for a person: the verdict first, then one line or more per node."""
+    nodes = report.nodes
+    if not nodes:
+        return ["shared audit trail: intact, but there are no records yet"]
+    if report.ok:
+        out = [f"shared audit trail: intact: {report.records} records from {len(nodes)} nodes"]
+    else:
+        bad = ", ".join(problem.node for problem in report.problems)
+        out = [f"shared audit trail: NOT INTACT (node {bad})"]
+    for item in nodes:
+        if item.problem is not None:
+            out.append(f"  node {item.node}: NOT INTACT at seq {item.problem.seq}: {item.problem.reason}")
+            out.append(f"    {item.records} records check out before the problem")
+        else:
+            span = f", seq {item.first_seq}..{item.last_seq}" if item.records else ""
+            out.append(f"  node {item.node}: intact: {item.records} records{span}")
+        if item.retention_start is not None:
+            out.append(f"    records before seq {item.retention_start} were removed by the node's retention")
+        if item.recovered:
+            out.append(f"    {item.recovered} crashes recovered from (recovered records)")
+        if item.lost_records:
+            out.append(
+                f"    {item.lost_records} records were never written while writing failed (gap records)"
+            )
+        if item.checkpoints_checked:
+            out.append(f"    checkpoints: {item.checkpoints_checked} compared")
+        out += [f"    warning: {note}" for note in item.notes]
+    return out
+
+
+class _Stop(Exception):
+    """Ends a node's walk at its first problem."""
+
+    def __init__(self, problem: NodeProblem) -> None:
+        """Carry the problem out of the walk."""
+        super().__init__(problem.reason)
+        self.problem = problem
+
+
+class _NodeWalk:
+    """One node's chain as the database holds it, walked in seq order."""
+
+    def __init__(
+        self, node: str, head: tuple[int, str] | None, checkpoints: Sequence[tuple[int, str]]
+    ) -> None:
+        self.node = node
+        self.head = head
+        self.checkpoints: dict[int, set[str]] = {}
+        for seq, digest in checkpoints:
+            self.checkpoints.setdefault(seq, set()).add(digest.lower())
+        self.first: int | None = None
+        self.first_prev = ""
+        self.last: int | None = None
+        self.last_hash = ""
+        self.records = 0
+        self.retention: dict[int, str] = {}
+        self.retention_start: int | None = None
+        self.recovered = 0
+        self.lost = 0
+        self.checked = 0
+        self.notes: list[str] = []
+
+    def run(self, rows: Iterator[AuditRow]) -> NodeReport:
+        """Walk every row, then check the end against the head."""
+        problem: NodeProblem | None = None
+        try:
+            current: AuditRow | None = None
+            for following in rows:
+                if current is not None:
+                    self.row(current, following)
+                current = following
+            if current is not None:
+                self.row(current, None)
+            self.finish()
+        except _Stop as stop:
+            problem = stop.problem
+        return NodeReport(
+            node=self.node,
+            problem=problem,
+            records=self.records,
+            first_seq=self.first,
+            last_seq=self.last,
+            head=self.head,
+            retention_start=self.retention_start,
+            recovered=self.recovered,
+            lost_records=self.lost,
+            checkpoints_checked=self.checked,
+            notes=self.notes,
+        )
+
+    def fail(self, seq: int, reason: str) -> NoReturn:
+        """Stop at a problem."""
+        raise _Stop(NodeProblem(self.node, seq, reason))
+
+    def row(self, row: AuditRow, following: AuditRow | None) -> None:
+        """Check one stored record: its form, its place, its link to the one before, the head."""
+        seq, moment, line = row
+        record = chain.parse_record(line)
+        if record is None:
+            self.fail(seq, "record changed: the stored line is not JSON")
+        malformed = _malformed(record, line)
+        if malformed is not None:
+            self.fail(seq, f"record changed: {malformed}")
+        if self.last is not None and seq > self.last + 1:
+            self.fail(self.last + 1, f"{_missing(self.last + 1, seq)}: records removed")
+        if record["seq"] != seq:
+            self.fail(seq, f"records reordered: the record stored as seq {seq} is seq {record['seq']}")
+        if self.head is None:
+            self.fail(seq, "record inserted, or the node's head removed: this node has no anchored head")
+        if seq > self.head[0]:
+            self.fail(
+                seq, f"record inserted: seq {seq} lies beyond the node's anchored head, seq {self.head[0]}"
+            )
+        digest = chain.line_hash(line)
+        if self.last is None:
+            if seq == 1 and record["prev"] != chain.GENESIS:
+                self.fail(1, "record changed: the first record's prev is not the genesis value")
+            self.first, self.first_prev = seq, record["prev"]
+        elif record["prev"] != self.last_hash:
+            if self.links_forward(seq, digest, following):
+                self.fail(self.last, f"record changed: its hash is not the prev that seq {seq} names")
+            self.fail(seq, f"record changed or inserted: its prev does not match the hash of seq {self.last}")
+        if seq == self.head[0] and digest != self.head[1]:
+            self.fail(seq, "record changed: its hash does not match the node's anchored head")
+        when = chain.record_time(record["time"])
+        if when is None or abs(when.timestamp() - moment) > _TIME_SLACK:
+            self.fail(seq, "the time stored beside the record is not the record's own: the table was changed")
+        for expected in sorted(self.checkpoints.get(seq, ())):
+            self.checked += 1
+            if expected != digest:
+                self.fail(seq, f"checkpoint seq {seq} hash mismatch: the chain was rewritten")
+        self.note(record)
+        self.last, self.last_hash = seq, digest
+        self.records += 1
+
+    def links_forward(self, seq: int, digest: str, following: AuditRow | None) -> bool:
+        """Whether the record after this one (or the head) names this one's hash: then it is genuine."""
+        if self.head is not None and self.head == (seq, digest):
+            return True
+        if following is None or following[0] != seq + 1:
+            return False
+        after = chain.parse_record(following[2])
+        return after is not None and after.get("prev") == digest
+
+    def note(self, record: dict[str, Any]) -> None:
+        """Remember what the chain's own records explain: crashes, removed files, records never written."""
+        kind = record["type"]
+        if kind == chain.RECOVERED:
+            self.recovered += 1
+        elif kind == chain.RETENTION:
+            last_seq, last_hash = record.get("last_seq"), record.get("last_hash")
+            if type(last_seq) is int and isinstance(last_hash, str):
+                self.retention[last_seq] = last_hash
+        elif kind == chain.GAP and type(lost := record.get("lost")) is int:
+            self.lost += lost
+
+    def finish(self) -> None:
+        """The chain must reach the anchored head, and start at seq 1 or where retention says."""
+        head = self.head
+        if head is not None and (self.last is None or head[0] > self.last):
+            said = f"the chain ends at seq {self.last}" if self.last is not None else "no records are left"
+            after = 1 if self.last is None else self.last + 1
+            self.fail(after, f"records cut off: {said}, but the node's anchored head is seq {head[0]}")
+        if self.first is not None and self.first > 1:
+            last_hash = self.retention.get(self.first - 1)
+            if last_hash is None:
+                self.fail(
+                    1,
+                    f"{_missing(1, self.first)}: records removed (the chain starts at seq {self.first} "
+                    "and no retention record explains it)",
+                )
+            if last_hash != self.first_prev:
+                self.fail(
+                    self.first,
+                    "record changed or inserted: its prev does not match the last_hash of the retention "
+                    f"record that removed seq {self.first - 1}",
+                )
+            self.retention_start = self.first
+        beyond = [seq for seq in self.checkpoints if self.last is None or seq > self.last]
+        if beyond:
+            self.notes.append(
+                f"{len(beyond)} checkpoints lie beyond the records shipped so far: compare them with the "
+                "node's own files"
+            )
 
 
 def _read_head(folder: Path) -> tuple[chain.Head | None, bool]:

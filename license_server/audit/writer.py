@@ -264,6 +264,8 @@ class AuditLog:
         self._background = Background()
         self.records_written = 0
         self._times = UtcText()
+        # Told after each batch is written (the shipper to the shared database); must not block or raise.
+        self.on_written: Callable[[], None] | None = None
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -273,6 +275,8 @@ class AuditLog:
         if batch:
             data, tail = chain_entries(self._files.tail, batch, self._times)
             await self._run(self._files.write, batch[0][0], data, tail)
+            if self.on_written is not None:
+                self.on_written()
 
     async def open(self, version: str) -> None:
         """Recover the chain's end, apply retention, continue the newest file, record the start."""

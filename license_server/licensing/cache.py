@@ -1,4 +1,8 @@
-"""Kept answers: a bounded in-memory LRU over the durable store, with freshness decided by the caller."""
+"""Kept answers: a bounded in-memory LRU over the durable store, with freshness decided by the caller.
+
+With several nodes, another node may drop answers this one holds in memory: the store says so when it hears
+of it (`on_forget`), within a second.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from cachetools import LRUCache
 
 from license_server.licensing.signatures import AnswerFormatError, KeyRing, parse_signed_answer, verify_signed
 from license_server.storage.answers import Kept
-from license_server.storage.interfaces import AnswerStore
+from license_server.storage.interfaces import AnswerStore, Forgotten
 from license_server.storage.seats import License
 
 log = structlog.get_logger(__name__)
@@ -46,7 +50,11 @@ class AnswerCache:
     def __init__(self, store: AnswerStore, keyring: KeyRing, memory_entries: int) -> None:
         self.store = store
         self.keyring = keyring
+        self._memory_entries = memory_entries
         self._memory: _IndexedLRU | None = _IndexedLRU(memory_entries) if memory_entries > 0 else None
+        # Grows with every drop: a read under way when answers were dropped does not put back what it read.
+        self._drops = 0
+        store.on_forget(self._heard)
 
     async def put(self, kept: Kept) -> None:
         """Keep a verified answer in memory and on disk; returns once the disk write is committed."""
@@ -56,8 +64,9 @@ class AnswerCache:
 
     async def get(self, cache_key: bytes) -> Kept | None:
         """The kept answer for a cache key; answers read from disk are verified again before use."""
-        if self._memory is not None and (kept := self._memory.get(cache_key)) is not None:
-            return kept
+        if self._memory is not None and (held := self._memory.get(cache_key)) is not None:
+            return held
+        drops = self._drops
         kept = await self.store.get(cache_key)
         if kept is None:
             return None
@@ -65,9 +74,23 @@ class AnswerCache:
             log.error("kept_answer_invalid_dropped", product_id=kept.product_id, license_key=kept.license_key)
             await self.store.forget_key(cache_key)
             return None
-        if self._memory is not None:
+        if self._memory is not None and drops == self._drops:
             self._memory[cache_key] = kept
         return kept
+
+    def _heard(self, forgotten: Forgotten) -> None:
+        """Drop from memory what another node dropped (everything, when some drops may have gone unheard)."""
+        self._drops += 1
+        if self._memory is None:
+            return
+        if forgotten.everything:
+            self._memory = _IndexedLRU(self._memory_entries)
+            return
+        if forgotten.license is not None:
+            for cache_key in list(self._memory.by_license.get(forgotten.license, ())):
+                del self._memory[cache_key]
+        for cache_key in forgotten.cache_keys:
+            self._memory.pop(cache_key, None)
 
     def _still_valid(self, kept: Kept) -> bool:
         """Whether a kept answer read back from disk still carries a signature a vendor key accepts."""
@@ -80,6 +103,7 @@ class AnswerCache:
     async def forget(self, product_id: str, license_key: str) -> int:
         """Drop every kept answer of a license from memory and disk."""
         license_key = license_key.upper()
+        self._drops += 1
         if self._memory is not None:
             for cache_key in list(self._memory.by_license.get((product_id, license_key), ())):
                 del self._memory[cache_key]
@@ -94,6 +118,7 @@ class AnswerCache:
         """
         license_key = license_key.upper()
         lists = functools.partial(_lists_machine, machine_code)
+        self._drops += 1
         if self._memory is not None:
             for cache_key in list(self._memory.by_license.get((product_id, license_key), ())):
                 kept = self._memory[cache_key]
@@ -103,6 +128,7 @@ class AnswerCache:
 
     async def forget_key(self, cache_key: bytes) -> None:
         """Drop one kept answer from memory and disk."""
+        self._drops += 1
         if self._memory is not None:
             self._memory.pop(cache_key, None)
         await self.store.forget_key(cache_key)

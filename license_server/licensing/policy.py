@@ -347,11 +347,10 @@ class Licensing:
         """For a floating activation answered offline: take (or renew) a local seat if one is free."""
         if call.kind is not Kind.ACTIVATE or call.floating_interval <= 0:
             return True
-        grant = self.seats.take(call.license, call.machine_code, call.floating_interval, call.max_overdraft)
-        if grant is None:
-            return False
-        await grant  # durable before the answer: a restart must not forget who holds a seat
-        return True
+        # durable before the answer: a restart must not forget who holds a seat
+        return await self.seats.take(
+            call.license, call.machine_code, call.floating_interval, call.max_overdraft
+        )
 
     def _seat_refused(self, call: Call, failure: UpstreamFailure) -> Outcome:
         """The refusal upstream itself gives when every floating seat is taken."""

@@ -8,12 +8,15 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
 from license_server.storage.seats import License
 from license_server.storage.sqlite import SqliteWorker
+
+if TYPE_CHECKING:
+    from license_server.storage.interfaces import Forgotten
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +84,9 @@ class Store:
     def kept(self) -> int:
         """How many answers are kept on disk, exact as of the last committed (or committing) write."""
         return self._kept
+
+    def on_forget(self, heard: Callable[[Forgotten], None]) -> None:
+        """Nothing to hear: no other node shares this store."""
 
     def _recount(self, db: sqlite3.Connection) -> None:
         """Set the database's count from its rows (an older version may have written without counting)."""

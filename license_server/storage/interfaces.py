@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from license_server.storage.answers import Kept
@@ -27,12 +28,25 @@ if TYPE_CHECKING:
     from license_server.storage.seats import SeatLedger, SqliteSeatReader
 
 
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """Answers dropped through another node (or everything: a notice may have gone unheard), to drop too."""
+
+    cache_keys: frozenset[bytes] = frozenset()
+    license: License | None = None  # every answer of this license
+    everything: bool = False
+
+
 class AnswerStore(Protocol):
     """Kept answers: written in the background, read back when upstream cannot answer."""
 
     @property
     def kept(self) -> int:
         """How many answers are kept, exact as of the last committed (or committing) write."""
+        ...
+
+    def on_forget(self, heard: Callable[[Forgotten], None]) -> None:
+        """Call `heard` with answers other nodes drop (a store of one node never calls it)."""
         ...
 
     async def open(self) -> int:
@@ -158,10 +172,8 @@ class SeatStore(Protocol):
         """MaxNoOfMachines of the newest signed license seen (0: no limit), or None if never seen."""
         ...
 
-    def take(
-        self, license: License, machine: str, interval: float, max_overdraft: int
-    ) -> asyncio.Future[None] | None:
-        """Grant or renew a floating seat locally, without yielding; None when none is free."""
+    async def take(self, license: License, machine: str, interval: float, max_overdraft: int) -> bool:
+        """Grant or renew a floating seat locally, atomically; True once durable, False if none is free."""
         ...
 
     def granted(

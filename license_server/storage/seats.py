@@ -259,14 +259,22 @@ class SeatLedger:
         """MaxNoOfMachines of the newest signed license seen (0: no limit), or None if never seen."""
         return self._limits.get(license)
 
-    def take(
-        self, license: License, machine: str, interval: float, max_overdraft: int
-    ) -> asyncio.Future[None] | None:
-        """Grant or renew a floating seat locally (upstream unreachable); None when none is free.
+    async def take(self, license: License, machine: str, interval: float, max_overdraft: int) -> bool:
+        """Grant or renew a floating seat locally (upstream unreachable); False when none is free.
 
         Check and grant happen without yielding to the event loop, so concurrent calls cannot both take the
-        last seat. The future is done once the lease is on disk.
+        last seat. True once the lease is on disk.
         """
+        grant = self._take(license, machine, interval, max_overdraft)  # no await before: nothing interleaves
+        if grant is None:
+            return False
+        await grant
+        return True
+
+    def _take(
+        self, license: License, machine: str, interval: float, max_overdraft: int
+    ) -> asyncio.Future[None] | None:
+        """Check and grant (or renew) without yielding; the write's future, or None when no seat is free."""
         leases = self.live(license)
         if machine in leases:
             return self._renew(leases[machine], interval)

@@ -8,6 +8,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -21,18 +22,17 @@ from license_server.licensing.policy import Licensing, Rules
 from license_server.licensing.signatures import KeyRing, load_keyring
 from license_server.licensing.upstream import Breaker, Upstream, make_session
 from license_server.logs import CallLine, structlog_call_line
-from license_server.storage.answers import Store
-from license_server.storage.seats import BootClock, LeaseClock, SeatLedger
-from license_server.storage.state import (
-    StateFolder,
-    StateLock,
-    load_fingerprint_key,
-    warn_if_open,
-)
+from license_server.storage.backend import open_stores
+from license_server.storage.seats import BootClock, LeaseClock
+from license_server.storage.state import StateLock, warn_if_open
 from license_server.web.handlers import handle
 from license_server.web.keys import CALL_LINE, CLOCK, CONFIG, GUARD, LEASE_CLOCK, SERVICES, Services
 from license_server.web.listener import tls_context
 from license_server.web.metrics import Metrics, Snapshot
+
+if TYPE_CHECKING:
+    from license_server.audit.shipping import Shipper
+    from license_server.storage.postgres import Database
 
 log = structlog.get_logger(__name__)
 
@@ -55,41 +55,44 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             opened.callback((await asyncio.to_thread(StateLock, folder)).release)
             await asyncio.to_thread(warn_if_open, folder)
         opened.callback(log.info, "state_flushed", state_dir=str(config.state_dir))
-        secret = await asyncio.to_thread(load_fingerprint_key, config.state_dir)
-        store = Store(StateFolder(config.state_dir).answers)
-        kept = await store.open()
-        opened.push_async_callback(store.close)
-        lease_clock = app.get(LEASE_CLOCK)
-        if lease_clock is None:
-            lease_clock = await asyncio.to_thread(BootClock)
-        seats = SeatLedger(StateFolder(config.state_dir).seats, lease_clock=lease_clock, clock=app[CLOCK])
-        live_leases = await seats.open()
-        opened.push_async_callback(seats.close)
+        injected = app.get(LEASE_CLOCK)
+
+        def lease_clock() -> LeaseClock:
+            """The clock of the SQLite ledger's leases (blocking: reads /proc)."""
+            return injected if injected is not None else BootClock()
+
+        stores = await open_stores(config, opened, clock=app[CLOCK], lease_clock=lease_clock)
         audit = AuditLog(config.audit_dir, config.audit, app[CLOCK])
         await audit.open(__version__)
+        if stores.database is not None:  # closed after the trail: the stop record is shipped too
+            opened.push_async_callback(_ship_audit(config, stores.database, audit).close)
         opened.push_async_callback(audit.close)
         files = await _license_files(config, keyring)
         if not keyring:
             log.warning(
                 "no_vendor_key", detail="no public_key configured: answers are forwarded but never kept"
             )
-        metrics = Metrics(config.upstream.allowed_methods)
+        metrics = Metrics(config.upstream.allowed_methods, node=config.node.name)
         licensing = Licensing(
             rules=Rules(make_upstream(config), keyring, files, config.keep),
-            cache=AnswerCache(store, keyring, config.keep.memory_entries),
-            secret=secret,
-            seats=seats,
+            cache=AnswerCache(stores.answers, keyring, config.keep.memory_entries),
+            secret=stores.fingerprint_key,
+            seats=stores.seats,
             clock=app[CLOCK],
         )
-        services = Services(config, licensing, store, audit, metrics, time.time())
+        services = Services(
+            config, licensing, stores.answers, audit, metrics, time.time(), database=stores.database
+        )
         opened.push_async_callback(services.close_upstreams)
         metrics.watch(lambda: _snapshot(services))
         app[SERVICES] = services
         log.info(
             "state_loaded",
             state_dir=str(config.state_dir),
-            kept_answers=kept,
-            live_leases=live_leases,
+            kept_answers=stores.kept,
+            live_leases=stores.live_leases,
+            database=None if stores.database is None else stores.database.info.shown,
+            node=config.node.name,
             license_files=len(files),
             vendor_keys=len(keyring),
             offline=config.upstream.offline,
@@ -98,6 +101,21 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         opened.push_async_callback(services.background.stop)
         yield
+
+
+def _ship_audit(config: Config, database: Database, audit: AuditLog) -> Shipper:
+    """Start copying this node's audit records into the shared trail, prompted by each written batch."""
+    # Imported here: a single node never loads the PostgreSQL stores.
+    from license_server.audit.shipping import Shipper
+    from license_server.storage.pg_audit import PgAuditStore
+
+    durable_only = config.audit.fsync is not None  # with fsync never, nothing is known durable: ship all
+    shipper = Shipper(
+        config.audit_dir, config.node.name, PgAuditStore(database.info), durable_only=durable_only
+    )
+    audit.on_written = shipper.notify
+    shipper.start()
+    return shipper
 
 
 def make_upstream(config: Config) -> Upstream | None:

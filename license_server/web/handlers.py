@@ -219,9 +219,10 @@ def status_document(services: Services) -> dict[str, object]:
     upstream = services.upstream
     audit = services.audit.state()
     last_success = None if upstream is None else upstream.breaker.last_success
-    return {
+    document: dict[str, object] = {
         "status": "ok" if audit.writable else "degraded",
         "version": __version__,
+        "node": services.config.node.name,
         "offline": upstream is None,
         "upstream": {
             "state": "offline" if upstream is None else upstream.breaker.state.value,
@@ -241,3 +242,7 @@ def status_document(services: Services) -> dict[str, object]:
         },
         "uptime_s": round(time.time() - services.started),
     }
+    database = services.database
+    if database is not None:  # the URL as logs show it: never a password
+        document["database"] = {"url": database.info.shown, "schema_version": database.schema_version}
+    return document

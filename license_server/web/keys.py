@@ -17,6 +17,7 @@ from license_server.licensing.policy import Licensing, Rules
 from license_server.licensing.upstream import Upstream
 from license_server.logs import CallLine
 from license_server.storage.interfaces import AnswerStore
+from license_server.storage.postgres import Database
 from license_server.storage.seats import LeaseClock
 from license_server.web.listener import ConnectionGuard
 from license_server.web.metrics import Metrics
@@ -49,6 +50,7 @@ class Services:
     request_ids: RequestIds = field(default_factory=RequestIds)
     retired: list[Upstream] = field(default_factory=list)  # replaced by a reload, closing once idle
     background: Background = field(default_factory=Background)  # work that lives as long as the daemon
+    database: Database | None = None  # the shared database of several nodes; None: SQLite in state_dir
 
     @property
     def upstream(self) -> Upstream | None:

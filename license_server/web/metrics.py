@@ -25,7 +25,7 @@ _BREAKER = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN
 class Metrics:
     """The counters the daemon updates as it works, and what it reads out at scrape time."""
 
-    def __init__(self, allowed_methods: Iterable[str]) -> None:
+    def __init__(self, allowed_methods: Iterable[str], *, node: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._methods = frozenset(allowed_methods)
         self._calls = _CallStats((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
@@ -63,6 +63,10 @@ class Metrics:
         Info("license_server_build", "The daemon's version.", registry=self.registry).info(
             {"version": __version__}
         )
+        if node is not None:  # which node of several answers this scrape: license_server_node_info{node=...}
+            Info("license_server_node", "This node's name (node.name).", registry=self.registry).info(
+                {"node": node}
+            )
 
     def count_call(self, method: str | None, action: str, status: int, elapsed: float) -> None:
         """Count one answered call and its latency."""
