@@ -217,6 +217,8 @@ def start_daemon(
     offline: bool,
     memory_entries: int | None = None,
     database_url: str | None = None,
+    core: int = SERVER_CORE,
+    node_name: str = "bench",
 ) -> Server:
     """Write a configuration and start `license-server serve`, JSON log at level info to a file."""
     folder = bench.run_dir(name)
@@ -227,19 +229,20 @@ def start_daemon(
         "public_key": str(bench.public_key),
         "state_dir": str(state_dir),
         "log": {"level": "info", "format": "json"},
+        "shutdown_drain": "0s",  # no balancer to drain for: a stop need not wait
     }
     if memory_entries is not None:
         config["keep"] = {"memory_entries": memory_entries}
     if database_url is not None:  # the PostgreSQL backend (bench/backends.py)
         config["database"] = {"url": database_url}
-        config["node"] = {"name": "bench"}
+        config["node"] = {"name": node_name}
     config_file = folder / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [str(Path(sys.executable).parent / "license-server"), "serve", "--config", str(config_file)]
     output = folder / "daemon.log"
-    proc = bench.procs.start(argv, core=SERVER_CORE, output=output)
+    proc = bench.procs.start(argv, core=core, output=output)
     wait_ready(proc, port, "/readyz", output)
-    return Server(name, proc, port, output, shlex.join(pinned(SERVER_CORE, argv)), state_dir, config)
+    return Server(name, proc, port, output, shlex.join(pinned(core, argv)), state_dir, config)
 
 
 def start_variant(bench: Bench, name: str) -> Server:

@@ -275,6 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, StateInUseError) as exc:
         print(f"license-server: cannot start: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        # Only the database's own error is expected here; it names the database with any password hidden.
+        from license_server.storage.postgres import DatabaseError
+
+        if not isinstance(exc, DatabaseError):
+            raise
+        print(f"license-server: cannot start: {exc}", file=sys.stderr)
+        return 1
     finally:
         logging.close()
     return 0

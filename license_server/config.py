@@ -668,6 +668,9 @@ class Config:
     admin: AdminConfig = AdminConfig()
     database: DatabaseConfig = DatabaseConfig()
     node: NodeConfig = NodeConfig()
+    # on SIGTERM, how long /readyz answers 503 while calls are still answered, so that a load balancer
+    # stops sending calls before the listener closes (docs/running-several-nodes.md)
+    shutdown_drain: float = field(default=3.0, metadata=_rule(_duration(zero_allowed=True)))
     shutdown_timeout: float = field(default=10.0, metadata=_rule(_duration(zero_allowed=False)))
     # where the settings came from, e.g. "/etc/license-server/config.yaml + environment"
     source: str = "built-in defaults"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -18,6 +19,7 @@ from license_server.config import Config, ConfigError, describe
 from license_server.licensing.signatures import KeyFormatError
 from license_server.logs import CallLine, set_level, structlog_call_line
 from license_server.web.app import GUARD, SERVICES, Reloaded, create_app, prepare_reload
+from license_server.web.keys import Services
 from license_server.web.listener import ConnectionGuard, GuardedSite, ServerTls, tls_context
 
 log = structlog.get_logger(__name__)
@@ -125,8 +127,9 @@ async def serve(
         notify(f"READY=1\nSTATUS={status_line(app)}")
         background.spawn(_heartbeat(app))
         await stop.wait()
-        log.info("stopping", detail="no new connections; finishing calls in flight")
         notify("STOPPING=1")
+        await _drain(app[SERVICES], stop)
+        log.info("stopping", detail="no new connections; finishing calls in flight")
     finally:
         await background.stop()
         if admin is not None:  # first: admin actions use the services the workstation side closes
@@ -135,6 +138,22 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+async def _drain(services: Services, stop: asyncio.Event) -> None:
+    """Answer /readyz with 503 while still answering calls, for `shutdown_drain` seconds or a second signal.
+
+    The balancer's health checks see the 503 and send no new calls here before the listener closes.
+    """
+    seconds = services.config.shutdown_drain
+    if seconds <= 0:
+        return
+    services.draining = True
+    log.info("draining", seconds=seconds, detail="/readyz answers 503; calls are still answered")
+    stop.clear()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 def _tune_gc() -> None:

@@ -547,6 +547,24 @@ SABOTAGES = (
         'return sid.encode("utf-8", "surrogatepass")',
         ("tests/test_shared_console.py",),
     ),
+    Sabotage(
+        "a late activation does not undo a deactivation written before it",
+        "license_server/storage/pg_seats.py",
+        '" deactivated = CASE WHEN t.deactivated >= excluded.last_seen THEN t.deactivated END",',
+        '" deactivated = NULL",',
+        (
+            "tests/test_partition.py::test_one_node_cut_off_answers_alike_and_leaves_the_state_of_a_run_without_it",
+        ),
+    ),
+    Sabotage(
+        "a write the database does not take in time goes to the spool",
+        "license_server/storage/spool.py",
+        "DEADLINE = 1.0  # seconds a write waits for the database before it is spooled",
+        "DEADLINE = 30.0  # seconds a write waits for the database before it is spooled",
+        (
+            "tests/test_db_spool.py::test_daemon_answers_while_the_database_is_down_and_writes_it_all_once_after",
+        ),
+    ),
 )
 
 

@@ -138,6 +138,7 @@ class DaemonProcess:
                 "breaker": {"failures": 3, "reset_after": "0.5s", "max_reset_after": "5s"},
             },
             "public_key": public_key,
+            "shutdown_drain": "0s",
             "state_dir": str(self.state),
             "log": {"format": "json"},
             "audit": {"checkpoint_interval": "1m"},

@@ -412,3 +412,21 @@ async def test_shipper_rides_out_an_unreachable_database(tmp_path: Path, pg_url:
     assert await shipper.ship_now() == 4
     assert shipper.error is None
     await shipper.close()
+
+
+async def test_shipper_closes_when_told_of_a_batch_at_the_same_moment(tmp_path: Path, pg_url: str) -> None:
+    """The stop record's notice and close() in one turn: the waiting task ends instead of looping on."""
+    folder = tmp_path / "a"
+    await asyncio.to_thread(write_node, folder, "A", 1)
+    await asyncio.to_thread(open_schema, pg_url)
+    shipper = Shipper(folder, "A", PgAuditStore(connect_info(DatabaseConfig(url=pg_url))), durable_only=True)
+    shipper.start()
+    await asyncio.sleep(0.3)  # shipped once, now waiting for the next notice
+    shipper.notify()  # the wake-up and the cancellation arrive together
+    closing = asyncio.ensure_future(shipper.close())
+    done, _ = await asyncio.wait({closing}, timeout=5)  # not cancelled on timeout: a hang stays a hang
+    if not done:
+        closing.cancel()  # its second cancellation of the task gets through; the test has failed already
+        await asyncio.gather(closing, return_exceptions=True)
+    assert done, "close() waited for a shipping task that never ends"
+    assert count(pg_url, "A") == 3  # start, the call, stop: all shipped

@@ -28,11 +28,13 @@ NAMES = ("node-a", "node-b", "node-c")
 class Nodes:
     """Daemon processes in front of one fake upstream, sharing one database, each with its own state_dir."""
 
-    def __init__(self, tmp_path: Path, upstream: Upstream, database: str) -> None:
+    def __init__(
+        self, tmp_path: Path, upstream: Upstream, database: str, names: tuple[str, ...] = NAMES
+    ) -> None:
         self.upstream = upstream
         self.database = database
         self.procs: dict[str, DaemonProcess] = {}
-        for name in NAMES:
+        for name in names:
             folder = tmp_path / name
             folder.mkdir()
             self.procs[name] = DaemonProcess(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -65,3 +68,33 @@ def test_unreachable_database_is_named_without_its_password() -> None:
 def test_a_shown_url_never_holds_the_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "s3cret" not in repr(connect_info(DatabaseConfig(url=url)))
+
+
+def test_a_daemon_that_cannot_reach_its_database_says_so_and_exits(tmp_path: Path) -> None:
+    """No traceback, libpq's reason, the password hidden, exit 1 (systemd starts it again)."""
+    found = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "license_server",
+            "serve",
+            "--set",
+            f"state_dir={tmp_path / 'state'}",
+            "--set",
+            "listen.port=0",
+            "--set",
+            "database.url=postgresql://license:hunter2@127.0.0.1:1/ls",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert found.returncode == 1
+    assert (
+        "cannot start: cannot connect to the database at postgresql://license:***@127.0.0.1:1/ls"
+        in found.stderr
+    )
+    assert "Connection refused" in found.stderr
+    assert "Traceback" not in found.stderr
+    assert "hunter2" not in found.stderr + found.stdout

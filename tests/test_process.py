@@ -50,7 +50,10 @@ class DaemonProcess:
         if config is not None:
             self.config_path = tmp_path / "config.yaml"
             self.config_path.write_text(
-                yaml.safe_dump({**config, "listen": {"host": "127.0.0.1", "port": self.port}})
+                # shutdown_drain 0s: stopping takes no 3 s here; tests/test_failover.py drains for real
+                yaml.safe_dump(
+                    {"shutdown_drain": "0s", **config, "listen": {"host": "127.0.0.1", "port": self.port}}
+                )
             )
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -242,7 +245,11 @@ class TestDefaults:
         proc = DaemonProcess(
             tmp_path,
             None,
-            {"XDG_STATE_HOME": str(tmp_path / "xdg"), "LICENSE_SERVER_LISTEN__PORT": str(port)},
+            {
+                "XDG_STATE_HOME": str(tmp_path / "xdg"),
+                "LICENSE_SERVER_LISTEN__PORT": str(port),
+                "LICENSE_SERVER_SHUTDOWN_DRAIN": "0s",
+            },
         )
         proc.port = port
         await proc.start()

@@ -229,7 +229,8 @@ class TestNodeShown:
         async with aiohttp.ClientSession() as session, session.get(daemon.base + "/status") as response:
             document = await response.json()
         assert document["node"] == ODD_NAME
-        assert document["database"] == {"url": pg_url, "schema_version": pg_schema.LATEST}
+        shared = document["database"]
+        assert (shared["url"], shared["schema_version"], shared["state"]) == (pg_url, pg_schema.LATEST, "up")
 
     async def test_status_never_shows_the_password(
         self, daemon_factory: Callable[..., Awaitable[Daemon]], pg_url: str

@@ -32,7 +32,7 @@ from license_server.admin.throttle import RecordBudget, Throttle
 from license_server.admin.trail import Verifier
 from license_server.config import AdminConfig, is_loopback
 from license_server.storage.pg_sessions import PgSessionTable
-from license_server.web.handlers import status_document
+from license_server.web.handlers import readiness, status_document
 from license_server.web.keys import Services
 from license_server.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -108,7 +108,7 @@ async def _monitoring(request: web.Request) -> web.Response:
     if path == "/healthz":
         return web.json_response({"status": "alive"})
     if path == "/readyz":
-        return web.json_response({"status": "ready"})
+        return readiness(services)
     if path == "/metrics":
         return web.Response(body=services.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
     return web.json_response(status_document(services))

@@ -76,6 +76,7 @@ class FolderShipper:
         self.store = store
         self.durable_only = durable_only
         self._position: _Position | None = None
+        self.shipped_seq = 0  # the database's newest record of this node, as of the last ship
 
     def ship(self) -> int:
         """Ship every durable record the database lacks (blocking); returns how many were new there.
@@ -89,10 +90,12 @@ class FolderShipper:
         if position is None or head is None or (position.seq, position.hash) != head:
             position = None
         try:
-            return self._ship(head, position, limit)
+            shipped = self._ship(head, position, limit)
         except ShipRefusedError:
             self._position = None
             raise
+        self.shipped_seq = self._position.seq if self._position is not None else head[0] if head else 0
+        return shipped
 
     def _durable_limit(self) -> int | None:
         """The last seq that may be shipped: the head marker's, or None for no limit."""
@@ -265,6 +268,11 @@ class Shipper:
         self.error: str | None = None  # why the last attempt failed, None once it worked
         self._logged: tuple[str, float] | None = None
 
+    @property
+    def shipped_seq(self) -> int:
+        """The newest record of this node in the database, as of the last ship that worked."""
+        return self._folder.shipped_seq
+
     def start(self) -> None:
         """Start shipping in the background, beginning with whatever the database lacks now."""
         self._wake.set()
@@ -277,8 +285,11 @@ class Shipper:
     async def _run(self) -> None:
         """Ship when prompted or once a second, whichever comes first."""
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that arrives as the
+            # event is set (close() right after the stop record's notice), and this loop would never end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._every)
+                async with asyncio.timeout(self._every):
+                    await self._wake.wait()
                 await asyncio.sleep(_COALESCE)
             self._wake.clear()
             await self.ship_now()

@@ -68,7 +68,7 @@ class _Files:
         self.name = ""
         self.size = 0
         self.day = ""
-        self.last_sync = clock()
+        self.last_sync = time.monotonic()
         self.unsynced = False
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -182,10 +182,11 @@ class _Files:
             return
         if policy is None and not force:
             return
-        if not force and policy is not None and policy > 0 and self.clock() - self.last_sync < policy:
+        # Timed by the monotonic clock: a wall clock stepped back must not hold interval syncs off.
+        if not force and policy is not None and policy > 0 and time.monotonic() - self.last_sync < policy:
             return
         os.fsync(self.fd)
-        self.last_sync = self.clock()
+        self.last_sync = time.monotonic()
         self.unsynced = False
         chain.write_head(self.folder, chain.Head(self.tail.seq, self.tail.hash, self.name))
 

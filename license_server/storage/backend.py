@@ -18,7 +18,9 @@ from license_server.storage.seats import LeaseClock, SeatLedger, SqliteSeatReade
 from license_server.storage.state import StateFolder, load_fingerprint_key
 
 if TYPE_CHECKING:
+    from license_server.storage.pg_nodes import Heartbeat
     from license_server.storage.postgres import Database
+    from license_server.storage.spool import Spool
 
 
 @dataclass(slots=True)
@@ -31,6 +33,8 @@ class Stores:
     kept: int
     live_leases: int
     database: Database | None  # None: the embedded SQLite stores
+    heartbeat: Heartbeat | None = None  # with a database: this node's view of it and of its peers
+    spool: Spool | None = None  # with a database: the writes waiting on this node's disk for it
 
 
 async def open_stores(
@@ -54,22 +58,35 @@ async def open_stores(
         opened.push_async_callback(seats.close)
         return Stores(answers, seats, secret, kept, live, None)
     # Imported here: a single node never loads the PostgreSQL stores.
+    from license_server import __version__
     from license_server.storage.pg_answers import PgAnswerStore, shared_fingerprint_key
+    from license_server.storage.pg_nodes import Heartbeat
     from license_server.storage.pg_seats import PgSeatLedger
     from license_server.storage.postgres import Database, connect_info
+    from license_server.storage.spool import Spool
 
     info = await asyncio.to_thread(connect_info, config.database)
     database = Database(info)
     await database.open()
     opened.push_async_callback(database.close)
+    heartbeat = Heartbeat(database, node=config.node.name, version=__version__)
+    await heartbeat.start()
+    opened.push_async_callback(heartbeat.close)
     secret = await shared_fingerprint_key(database)
-    answers = PgAnswerStore(database)
+    # Writes the database cannot take in time wait here; replayed at start and whenever it answers again.
+    folder = StateFolder(config.state_dir)
+    spool = Spool(database, node=config.node.name, path=folder.spool, heartbeat=heartbeat)
+    await spool.open()
+    opened.push_async_callback(spool.close)  # after the stores: their last writes may go to it
+    answers = PgAnswerStore(database, heartbeat=heartbeat, spool=spool)
+    seats = PgSeatLedger(database, node=config.node.name, clock=clock, heartbeat=heartbeat, spool=spool)
+    await spool.start()  # both stores registered: an earlier run's writes land before any new one
+    opened.push_async_callback(spool.stop)
     kept = await answers.open()
     opened.push_async_callback(answers.close)
-    seats = PgSeatLedger(database, node=config.node.name, clock=clock)
     live = await seats.open()
     opened.push_async_callback(seats.close)
-    return Stores(answers, seats, secret, kept, live, database)
+    return Stores(answers, seats, secret, kept, live, database, heartbeat, spool)
 
 
 def seat_reader(config: Config) -> SeatReader:

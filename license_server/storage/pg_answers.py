@@ -6,17 +6,23 @@ its own, and a row in `answer_drops`, which every node reads twice a second. NOT
 while a listener reconnects and never arrives through pgbouncer in transaction mode; the rows are what holds,
 so an answer dropped through any node stops being served everywhere within a second, and answers held in
 memory never cost a database read.
+
+No call waits on the database for more than about a second: a write it does not take within that (or at
+once while the heartbeat says it is down) goes to the node's spool (storage.spool) and is written, in
+order, once it answers; reads see what waits there, and a read from the database is given up after a
+second (not tried while the heartbeat says it is down).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
 import secrets
 from collections.abc import Callable
-from typing import Any, LiteralString
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 import structlog
@@ -24,7 +30,12 @@ import structlog
 from license_server.background import GroupCommit
 from license_server.storage.answers import Kept
 from license_server.storage.interfaces import Forgotten
+from license_server.storage.pg_nodes import settle, within
 from license_server.storage.postgres import Database
+from license_server.storage.spool import DEADLINE, Spool
+
+if TYPE_CHECKING:
+    from license_server.storage.pg_nodes import Heartbeat
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +68,10 @@ RETURNING (xmax = 0)
 """
 
 Conn = psycopg.AsyncConnection[Any]
+Lists = Callable[[bytes], bool]
+# What a spooled drop covers: (license, machine code or None for all its answers, GetKey bodies it drops).
+_Drop = tuple[tuple[str, str], str | None, Lists | None]
+_UNREACHABLE = (psycopg.OperationalError, TimeoutError, OSError)  # the pool gives up with PoolTimeout
 
 
 async def shared_fingerprint_key(database: Database) -> bytes:
@@ -85,8 +100,24 @@ async def shared_fingerprint_key(database: Database) -> bytes:
 class PgAnswerStore:
     """Kept answers shared by every node; reads see this node's writes still queued."""
 
-    def __init__(self, database: Database, *, listen: bool = True, poll: bool = True) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        listen: bool = True,
+        poll: bool = True,
+        heartbeat: Heartbeat | None = None,
+        spool: Spool | None = None,
+    ) -> None:
         self._db = database
+        self._heartbeat = heartbeat
+        # Without a spool of the node's (tests, tools), one in memory: kept until written or closed.
+        self._own_spool = spool is None
+        self._spool = spool or Spool(database, node=f"answers-{secrets.token_hex(4)}", heartbeat=heartbeat)
+        self._spool.register("answers", self._apply, self._replayed)
+        self._spooled: dict[bytes, tuple[int, Kept | None]] = {}  # spooled puts (None: dropped), by key
+        self._spooled_drops: dict[int, _Drop] = {}  # spooled drops of a license's or machine's answers
+        self._leftovers: set[asyncio.Task[Any]] = set()
         self._listen = listen  # tests turn either off to show that the other alone holds
         self._poll = poll
         self._drops_read: float | None = None  # the database's clock at the last read of answer_drops
@@ -111,6 +142,9 @@ class PgAnswerStore:
 
     async def open(self) -> int:
         """Count the rows and start listening (waiting briefly for it); returns how many answers are kept."""
+        if self._own_spool:
+            await self._spool.open()
+            await self._spool.start()
         await self._recount()
         self._tasks.append(asyncio.create_task(self._recounting(), name="answers-recount"))
         if self._poll:
@@ -119,7 +153,8 @@ class PgAnswerStore:
         if self._listen:
             self._tasks.append(asyncio.create_task(self._listener(), name="answers-listener"))
             with contextlib.suppress(TimeoutError):  # answer_drops holds meanwhile; the listener retries
-                await asyncio.wait_for(self._listening.wait(), timeout=5)
+                async with asyncio.timeout(5):
+                    await self._listening.wait()
         return self._kept
 
     def put(self, kept: Kept) -> asyncio.Future[None]:
@@ -136,30 +171,34 @@ class PgAnswerStore:
             del self._pending[kept.cache_key]
 
     async def _commit(self, batch: list[Kept]) -> None:
-        """Write one batch of answers in one statement and one transaction."""
+        """Write one batch of answers in one statement and one transaction, or spool it."""
         latest: dict[bytes, Kept] = {}
         for kept in batch:  # a statement may change a row only once: the newest answer of each key goes
             known = latest.get(kept.cache_key)
             if known is None or kept.fetched_at >= known.fetched_at:
                 latest[kept.cache_key] = kept
         rows = list(latest.values())
-        columns = (
-            [k.cache_key for k in rows],
-            [k.method for k in rows],
-            [k.product_id for k in rows],
-            [k.license_key for k in rows],
-            [k.machine_code for k in rows],
-            [k.fetched_at for k in rows],
-            [k.body for k in rows],
-            [hashlib.sha256(k.body).digest() for k in rows],
-        )
+        if not self._spool.must_spool():
+            try:
+                await within(self._upsert_now(rows), DEADLINE, self._leftovers)
+            except _UNREACHABLE as exc:
+                log.warning(
+                    "database_write_spooled", store="answers", answers=len(rows), error=_first_line(exc)
+                )
+            else:
+                return
+        write_id = self._spool.next_id()
+        for kept in rows:
+            self._spooled[kept.cache_key] = (write_id, kept)
+        await self._spool.append(write_id, "answers", "put", [_encode(kept) for kept in rows])
+
+    async def _upsert_now(self, rows: list[Kept]) -> None:
+        """Write answers on a connection of the pool (waiting for one no longer than the deadline)."""
         self._writing += 1
         self._writes += 1
         try:
-            async with self._db.pool.connection() as conn, conn.transaction():
-                cursor = await conn.execute(_UPSERT, columns)
-                added = sum(1 for (new,) in await cursor.fetchall() if new)
-            self._kept += added
+            async with self._db.pool.connection(timeout=DEADLINE) as conn, conn.transaction():
+                self._kept += await _upsert(conn, rows)
         finally:
             self._writing -= 1
 
@@ -172,14 +211,16 @@ class PgAnswerStore:
         """The kept answer for a cache key, or None; a row whose digest does not match is dropped."""
         if (pending := self._pending.get(cache_key)) is not None:
             return pending
-        async with self._db.pool.connection() as conn:
-            cursor = await conn.execute(
-                "SELECT method, product_id, license_key, machine_code, fetched_at, body, digest"
-                " FROM answers WHERE cache_key = %s",
-                (cache_key,),
-            )
-            row = await cursor.fetchone()
-        if row is None:
+        if (spooled := self._spooled.get(cache_key)) is not None:
+            return spooled[1]
+        if self._heartbeat is not None and not self._heartbeat.up:
+            return None  # a call must not wait for a database known to be out of reach
+        try:
+            row = await within(self._read(cache_key), DEADLINE, self._leftovers)
+        except _UNREACHABLE as exc:
+            log.warning("database_read_failed", store="answers", error=_first_line(exc))
+            return None
+        if row is None or self._dropped_meanwhile(row[1], row[2], row[3], bytes(row[5])):
             return None
         method, product_id, license_key, machine_code, fetched_at, body, digest = row
         body = bytes(body)
@@ -194,16 +235,66 @@ class PgAnswerStore:
             return None
         return Kept(cache_key, method, product_id, license_key, machine_code, float(fetched_at), body)
 
+    async def _read(self, cache_key: bytes) -> Any:
+        """The row of a cache key, or None."""
+        async with self._db.pool.connection(timeout=DEADLINE) as conn:
+            cursor = await conn.execute(
+                "SELECT method, product_id, license_key, machine_code, fetched_at, body, digest"
+                " FROM answers WHERE cache_key = %s",
+                (cache_key,),
+            )
+            return await cursor.fetchone()
+
+    def _dropped_meanwhile(self, product_id: str, license_key: str, machine_code: str, body: bytes) -> bool:
+        """Whether a drop still waiting in the spool covers a row read from the database."""
+        for license, machine, lists in self._spooled_drops.values():
+            if license != (product_id, license_key):
+                continue
+            if machine is None or machine_code == machine:
+                return True
+            if machine_code == "" and lists is not None and lists(body):
+                return True
+        return False
+
+    async def _spool_drop(self, op: str, payload: Any, drop: _Drop | None, keys: list[bytes]) -> int:
+        """Spool a drop: reads stop serving what it covers at once; returns how many spooled answers went."""
+        write_id = self._spool.next_id()
+        if drop is not None:
+            self._spooled_drops[write_id] = drop
+        gone = 0
+        for key, (_, kept) in list(self._spooled.items()):
+            if kept is not None and (key in keys or (drop is not None and _covers(drop, kept))):
+                self._spooled[key] = (write_id, None)
+                gone += 1
+        for key in keys:
+            self._spooled[key] = (write_id, None)
+        await self._spool.append(write_id, "answers", op, payload)
+        return gone
+
     async def forget(self, product_id: str, license_key: str) -> int:
         """Drop the kept answers of a license on every node; returns how many rows went."""
         for key in [k for k, v in self._pending.items() if v.license == (product_id, license_key)]:
             del self._pending[key]
         await self._commits.flush()  # queued writes land first, so a forget is never undone by them
-        return await self._delete(
-            "DELETE FROM answers WHERE product_id = %s AND license_key = %s RETURNING cache_key",
-            (product_id, license_key),
-            license=(product_id, license_key),
-        )
+        if not self._spool.must_spool():
+            try:
+                return await within(self._forget_now(product_id, license_key), DEADLINE, self._leftovers)
+            except _UNREACHABLE as exc:
+                log.warning("database_write_spooled", store="answers", op="forget", error=_first_line(exc))
+        drop: _Drop = ((product_id, license_key), None, None)
+        return await self._spool_drop("forget", [product_id, license_key], drop, [])
+
+    async def _forget_now(self, product_id: str, license_key: str) -> int:
+        """Drop a license's answers in the database now."""
+        self._writing += 1
+        self._writes += 1
+        try:
+            async with self._db.pool.connection(timeout=DEADLINE) as conn, conn.transaction():
+                gone = await _forget_license(conn, product_id, license_key)
+            self._kept -= len(gone)
+        finally:
+            self._writing -= 1
+        return len(gone)
 
     async def forget_machine(
         self, product_id: str, license_key: str, machine_code: str, lists: Callable[[bytes], bool]
@@ -215,30 +306,29 @@ class PgAnswerStore:
             ):
                 del self._pending[key]
         await self._commits.flush()
-        gone: list[bytes] = []
+        if not self._spool.must_spool():
+            try:
+                return await within(
+                    self._forget_machine_now(product_id, license_key, machine_code, lists),
+                    DEADLINE,
+                    self._leftovers,
+                )
+            except _UNREACHABLE as exc:
+                log.warning(
+                    "database_write_spooled", store="answers", op="forget_machine", error=_first_line(exc)
+                )
+        drop: _Drop = ((product_id, license_key), machine_code, lists)
+        return await self._spool_drop("forget_machine", [product_id, license_key, machine_code], drop, [])
+
+    async def _forget_machine_now(
+        self, product_id: str, license_key: str, machine_code: str, lists: Lists
+    ) -> int:
+        """Drop a machine's answers in the database now."""
         self._writing += 1
         self._writes += 1
         try:
-            async with self._db.pool.connection() as conn, conn.transaction():
-                # Locked until the deletes: a node replacing one of them meanwhile waits, then finds it gone.
-                cursor = await conn.execute(
-                    "SELECT cache_key, body FROM answers"
-                    " WHERE product_id = %s AND license_key = %s AND machine_code = '' FOR UPDATE",
-                    (product_id, license_key),
-                )
-                listing = [bytes(key) for key, body in await cursor.fetchall() if lists(bytes(body))]
-                cursor = await conn.execute(
-                    "DELETE FROM answers WHERE product_id = %s AND license_key = %s AND machine_code = %s"
-                    " RETURNING cache_key",
-                    (product_id, license_key, machine_code),
-                )
-                gone = [bytes(key) for (key,) in await cursor.fetchall()]
-                if listing:
-                    cursor = await conn.execute(
-                        "DELETE FROM answers WHERE cache_key = ANY(%s) RETURNING cache_key", (listing,)
-                    )
-                    gone += [bytes(key) for (key,) in await cursor.fetchall()]
-                await _notify(conn, gone, (product_id, license_key))
+            async with self._db.pool.connection(timeout=DEADLINE) as conn, conn.transaction():
+                gone = await _forget_machine(conn, product_id, license_key, machine_code, lists)
             self._kept -= len(gone)
         finally:
             self._writing -= 1
@@ -248,7 +338,57 @@ class PgAnswerStore:
         """Drop one kept answer on every node."""
         self._pending.pop(cache_key, None)
         await self._commits.flush()
-        await self._delete("DELETE FROM answers WHERE cache_key = %s RETURNING cache_key", (cache_key,))
+        if not self._spool.must_spool():
+            try:
+                await within(
+                    self._delete(
+                        "DELETE FROM answers WHERE cache_key = %s RETURNING cache_key", (cache_key,)
+                    ),
+                    DEADLINE,
+                    self._leftovers,
+                )
+            except _UNREACHABLE as exc:
+                log.warning(
+                    "database_write_spooled", store="answers", op="forget_key", error=_first_line(exc)
+                )
+            else:
+                return
+        await self._spool_drop("forget_key", cache_key.hex(), None, [cache_key])
+
+    async def _apply(self, conn: Conn, op: str, payload: Any) -> None:
+        """Apply a spooled write in the spool's transaction (each is harmless applied twice)."""
+        if op == "put":
+            self._kept += await _upsert(conn, [_decode(row) for row in payload])
+            return
+        if op == "forget":
+            gone = await _forget_license(conn, str(payload[0]), str(payload[1]))
+        elif op == "forget_machine":
+            product_id, license_key, machine_code = (str(x) for x in payload)
+            lists = next(
+                (
+                    d[2]
+                    for d in self._spooled_drops.values()
+                    if d[0] == (product_id, license_key) and d[1] == machine_code
+                ),
+                None,
+            )
+            # Spooled by an earlier run: which GetKey answers list the machine is not known here, all go.
+            gone = await _forget_machine(conn, product_id, license_key, machine_code, lists or _everything)
+        elif op == "forget_key":
+            cursor = await conn.execute(
+                "DELETE FROM answers WHERE cache_key = %s RETURNING cache_key", (bytes.fromhex(str(payload)),)
+            )
+            gone = [bytes(key) for (key,) in await cursor.fetchall()]
+            await _notify(conn, gone, None)
+        else:
+            raise RuntimeError(f"unknown answers write {op!r}")
+        self._kept -= len(gone)
+
+    def _replayed(self, write_id: int, op: str, payload: Any) -> None:
+        """A spooled write landed: reads find it in the database from now on."""
+        self._spooled_drops.pop(write_id, None)
+        for key in [k for k, (i, _) in self._spooled.items() if i == write_id]:
+            del self._spooled[key]
 
     async def _delete(
         self, statement: LiteralString, params: tuple[Any, ...], license: tuple[str, str] | None = None
@@ -378,6 +518,104 @@ class PgAnswerStore:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await settle(self._leftovers)
+        if self._own_spool:
+            await self._spool.close()
+
+
+async def _upsert(conn: Conn, rows: list[Kept]) -> int:
+    """Write answers (a row changes only for one fetched no earlier); returns how many rows are new."""
+    columns = (
+        [k.cache_key for k in rows],
+        [k.method for k in rows],
+        [k.product_id for k in rows],
+        [k.license_key for k in rows],
+        [k.machine_code for k in rows],
+        [k.fetched_at for k in rows],
+        [k.body for k in rows],
+        [hashlib.sha256(k.body).digest() for k in rows],
+    )
+    cursor = await conn.execute(_UPSERT, columns)
+    return sum(1 for (new,) in await cursor.fetchall() if new)
+
+
+async def _forget_license(conn: Conn, product_id: str, license_key: str) -> list[bytes]:
+    """Drop a license's answers, telling every node; returns the cache keys that went."""
+    cursor = await conn.execute(
+        "DELETE FROM answers WHERE product_id = %s AND license_key = %s RETURNING cache_key",
+        (product_id, license_key),
+    )
+    gone = [bytes(key) for (key,) in await cursor.fetchall()]
+    await _notify(conn, gone, (product_id, license_key))
+    return gone
+
+
+async def _forget_machine(
+    conn: Conn, product_id: str, license_key: str, machine_code: str, lists: Lists
+) -> list[bytes]:
+    """Drop a machine's answers and the license's GetKey answers `lists` says list it, telling every node."""
+    # Locked until the deletes: a node replacing one of them meanwhile waits, then finds it gone.
+    cursor = await conn.execute(
+        "SELECT cache_key, body FROM answers"
+        " WHERE product_id = %s AND license_key = %s AND machine_code = '' FOR UPDATE",
+        (product_id, license_key),
+    )
+    listing = [bytes(key) for key, body in await cursor.fetchall() if lists(bytes(body))]
+    cursor = await conn.execute(
+        "DELETE FROM answers WHERE product_id = %s AND license_key = %s AND machine_code = %s"
+        " RETURNING cache_key",
+        (product_id, license_key, machine_code),
+    )
+    gone = [bytes(key) for (key,) in await cursor.fetchall()]
+    if listing:
+        cursor = await conn.execute(
+            "DELETE FROM answers WHERE cache_key = ANY(%s) RETURNING cache_key", (listing,)
+        )
+        gone += [bytes(key) for (key,) in await cursor.fetchall()]
+    await _notify(conn, gone, (product_id, license_key))
+    return gone
+
+
+def _everything(body: bytes) -> bool:
+    """Count every GetKey answer as listing the machine (the safe side: it is fetched again)."""
+    return True
+
+
+def _covers(drop: _Drop, kept: Kept) -> bool:
+    """Whether a drop covers an answer."""
+    license, machine, lists = drop
+    if kept.license != license:
+        return False
+    if machine is None or kept.machine_code == machine:
+        return True
+    return kept.machine_code == "" and lists is not None and lists(kept.body)
+
+
+def _encode(kept: Kept) -> list[Any]:
+    """An answer as the spool keeps it (JSON)."""
+    return [
+        kept.cache_key.hex(),
+        kept.method,
+        kept.product_id,
+        kept.license_key,
+        kept.machine_code,
+        kept.fetched_at,
+        base64.b64encode(kept.body).decode(),
+    ]
+
+
+def _decode(row: list[Any]) -> Kept:
+    """An answer read back from the spool."""
+    key, method, product_id, license_key, machine_code, fetched_at, body = row
+    return Kept(
+        bytes.fromhex(key),
+        method,
+        product_id,
+        license_key,
+        machine_code,
+        float(fetched_at),
+        base64.b64decode(body),
+    )
 
 
 async def _notify(conn: Conn, gone: list[bytes], license: tuple[str, str] | None) -> None:

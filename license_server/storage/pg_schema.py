@@ -122,12 +122,19 @@ _V1 = (
         client   text NOT NULL,
         expires  double precision NOT NULL
     )""",
-    # Owner: storage.pg_nodes (which nodes run, for /status and the console).
+    # Owner: storage.pg_nodes (heartbeats: which nodes run; seen by the database's clock; boot: the run).
     """CREATE TABLE nodes (
         name    text PRIMARY KEY,
         version text NOT NULL,
         started double precision NOT NULL,
-        seen    double precision NOT NULL
+        seen    double precision NOT NULL,
+        boot    text NOT NULL DEFAULT ''
+    )""",
+    # Owner: storage.spool (ids of each node's spooled writes already applied: a replay never applies twice).
+    """CREATE TABLE applied_spool (
+        node text NOT NULL,
+        id   bigint NOT NULL,
+        PRIMARY KEY (node, id)
     )""",
 )
 

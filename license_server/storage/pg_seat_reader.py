@@ -69,7 +69,9 @@ _MACHINES = (
     "SELECT friendly_name, product_id, license_key, machine_code, first_seen, last_seen, client, calls,"
     " floating, deactivated FROM machines"
 )
-_MACHINE = f"{_MACHINES} WHERE product_id = %s AND license_key = %s AND machine_code = %s"
+# A row without calls only holds a deactivation another node wrote before the machine's activation
+# reached the database (from a node's spool): it is a machine once that activation lands.
+_MACHINE = f"{_MACHINES} WHERE calls > 0 AND product_id = %s AND license_key = %s AND machine_code = %s"
 # SQLite's NOCASE: ASCII letters folded to lower case, then bytes; lower() under "C" folds ASCII only.
 _BY_NAME = (
     'lower(friendly_name COLLATE "C"), license_key COLLATE "C", product_id COLLATE "C",'
@@ -77,7 +79,7 @@ _BY_NAME = (
 )
 _MACHINE_COUNTS = (
     "SELECT product_id, license_key, count(*), count(*) FILTER (WHERE deactivated IS NULL) FROM machines"
-    " GROUP BY product_id, license_key"
+    " WHERE calls > 0 GROUP BY product_id, license_key"
 )
 _LIMIT = "SELECT max_machines FROM licenses WHERE product_id = %s AND license_key = %s"
 _LIMITS = "SELECT product_id, license_key, max_machines, updated FROM licenses"
@@ -190,7 +192,7 @@ class PgSeatSnapshot:
 
         With `idle_before`, only those last seen by then and not deactivated since, longest idle first.
         """
-        conditions: list[str] = ["true"]
+        conditions: list[str] = ["calls > 0"]
         params: list[object] = []
         if product is not None:
             conditions.append("product_id = %s")

@@ -109,22 +109,26 @@ class Database:
 
     async def open(self) -> int:
         """Connect and create or migrate the schema; returns its version. DatabaseError if it cannot."""
+        # One connection of its own first: libpq's reason (refused, no such database, password) is kept,
+        # where a pool that cannot fill itself only says that it timed out.
         try:
-            await self.pool.open(wait=True, timeout=_CONNECT_TIMEOUT * 2)
-        except (PoolTimeout, psycopg.Error) as exc:  # PoolTimeout carries libpq's last error
-            await self.pool.close()
+            conn = await psycopg.AsyncConnection.connect(self.info.url, **self.info.kwargs())
+        except psycopg.Error as exc:
             raise DatabaseError(
                 f"cannot connect to the database at {self.info.shown}: {_reason(exc)}"
             ) from None
         try:
-            async with self.pool.connection() as conn:
+            async with conn:
                 self.schema_version = await migrate(conn)
         except psycopg.Error as exc:
-            await self.pool.close()
             raise DatabaseError(f"cannot migrate the database at {self.info.shown}: {_reason(exc)}") from None
-        except DatabaseError:
+        try:
+            await self.pool.open(wait=True, timeout=_CONNECT_TIMEOUT * 2)
+        except (PoolTimeout, psycopg.Error) as exc:
             await self.pool.close()
-            raise
+            raise DatabaseError(
+                f"cannot connect to the database at {self.info.shown}: {_reason(exc)}"
+            ) from None
         log.info("database_opened", database=self.info.shown, schema_version=self.schema_version)
         return self.schema_version
 

@@ -21,6 +21,7 @@ log = structlog.get_logger(__name__)
 # one without moving the old file (tests/test_upgrade.py reads a folder written by version 0.1).
 ANSWERS_FILE = "answers.sqlite3"  # kept answers (storage.answers)
 SEATS_FILE = "seats.sqlite3"  # the seat ledger (storage.seats)
+SPOOL_FILE = "spool.sqlite3"  # writes for the shared database that wait for it (storage.spool)
 FINGERPRINT_FILE = "fingerprint.key"  # the key of token fingerprints
 LOCK_FILE = ".lock"  # held by the daemon that uses the directory
 _KEY_BYTES = 32
@@ -43,6 +44,11 @@ class StateFolder:
     def seats(self) -> Path:
         """The seat ledger's database."""
         return self.path / SEATS_FILE
+
+    @property
+    def spool(self) -> Path:
+        """The writes waiting for the shared database (several nodes only)."""
+        return self.path / SPOOL_FILE
 
     @property
     def fingerprint_key(self) -> Path:

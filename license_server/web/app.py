@@ -64,8 +64,10 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         stores = await open_stores(config, opened, clock=app[CLOCK], lease_clock=lease_clock)
         audit = AuditLog(config.audit_dir, config.audit, app[CLOCK])
         await audit.open(__version__)
+        shipper = None
         if stores.database is not None:  # closed after the trail: the stop record is shipped too
-            opened.push_async_callback(_ship_audit(config, stores.database, audit).close)
+            shipper = _ship_audit(config, stores.database, audit)
+            opened.push_async_callback(shipper.close)
         opened.push_async_callback(audit.close)
         files = await _license_files(config, keyring)
         if not keyring:
@@ -81,7 +83,16 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             clock=app[CLOCK],
         )
         services = Services(
-            config, licensing, stores.answers, audit, metrics, time.time(), database=stores.database
+            config,
+            licensing,
+            stores.answers,
+            audit,
+            metrics,
+            time.time(),
+            database=stores.database,
+            heartbeat=stores.heartbeat,
+            spool=stores.spool,
+            shipper=shipper,
         )
         opened.push_async_callback(services.close_upstreams)
         metrics.watch(lambda: _snapshot(services))
@@ -144,6 +155,9 @@ def _snapshot(services: Services) -> Snapshot:
         audit_records=services.audit.records_written,
         seats_by_product=seats,
         kept_answers=services.kept_answers,
+        database_up=None if services.heartbeat is None else services.heartbeat.up,
+        live_nodes=None if services.heartbeat is None else len(services.heartbeat.peers),
+        database_backlog=services.database_backlog(),
     )
 
 

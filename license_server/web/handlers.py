@@ -208,10 +208,17 @@ def monitoring(request: web.Request, path: str) -> web.Response:
     if services is None:
         return web.json_response({"status": "starting"}, status=503)
     if path == "/readyz":
-        return web.json_response({"status": "ready"})
+        return readiness(services)
     if path == "/metrics":
         return web.Response(body=services.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
     return web.json_response(status_document(services))
+
+
+def readiness(services: Services) -> web.Response:
+    """/readyz: 200 while the node takes new calls; 503 while it drains before stopping, for the balancer."""
+    if services.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
 
 
 def status_document(services: Services) -> dict[str, object]:
@@ -244,5 +251,18 @@ def status_document(services: Services) -> dict[str, object]:
     }
     database = services.database
     if database is not None:  # the URL as logs show it: never a password
-        document["database"] = {"url": database.info.shown, "schema_version": database.schema_version}
+        shared: dict[str, object] = {"url": database.info.shown, "schema_version": database.schema_version}
+        heartbeat = services.heartbeat
+        if heartbeat is not None:  # peers: as of the last heartbeat that got through
+            shared |= {
+                "state": heartbeat.state,
+                "since": utc_now_text(heartbeat.since),
+                "error": heartbeat.error,
+                "peers": list(heartbeat.peers),
+                "live_nodes": len(heartbeat.peers),
+            }
+        backlog = services.database_backlog()
+        if backlog is not None:  # written to the database once it answers (again)
+            shared["backlog"] = {"writes": backlog[0], "audit_records": backlog[1]}
+        document["database"] = shared
     return document

@@ -7,6 +7,7 @@ import itertools
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -21,6 +22,11 @@ from license_server.storage.postgres import Database
 from license_server.storage.seats import LeaseClock
 from license_server.web.listener import ConnectionGuard
 from license_server.web.metrics import Metrics
+
+if TYPE_CHECKING:
+    from license_server.audit.shipping import Shipper
+    from license_server.storage.pg_nodes import Heartbeat
+    from license_server.storage.spool import Spool
 
 
 class RequestIds:
@@ -51,11 +57,21 @@ class Services:
     retired: list[Upstream] = field(default_factory=list)  # replaced by a reload, closing once idle
     background: Background = field(default_factory=Background)  # work that lives as long as the daemon
     database: Database | None = None  # the shared database of several nodes; None: SQLite in state_dir
+    heartbeat: Heartbeat | None = None  # with a database: this node's view of it and of its peers
+    spool: Spool | None = None  # with a database: writes waiting on this node's disk for it
+    shipper: Shipper | None = None  # with a database: copies this node's audit records into it
+    draining: bool = False  # stopping after SIGTERM: /readyz answers 503 while calls are still answered
 
     @property
     def upstream(self) -> Upstream | None:
         """The egress in force; None in offline mode."""
         return self.licensing.upstream
+
+    def database_backlog(self) -> tuple[int, int] | None:
+        """What waits here for the shared database: (spooled writes, audit records); None without one."""
+        if self.spool is None or self.shipper is None:
+            return None
+        return self.spool.backlog, max(0, self.audit.state().seq - self.shipper.shipped_seq)
 
     @property
     def kept_answers(self) -> int:

@@ -145,7 +145,16 @@ class _CallStats(Collector):
 class Snapshot:
     """What a scrape reads from the running daemon."""
 
-    __slots__ = ("audit", "audit_records", "breaker", "kept_answers", "seats_by_product")
+    __slots__ = (
+        "audit",
+        "audit_records",
+        "breaker",
+        "database_backlog",
+        "database_up",
+        "kept_answers",
+        "live_nodes",
+        "seats_by_product",
+    )
 
     def __init__(
         self,
@@ -155,8 +164,14 @@ class Snapshot:
         audit_records: int,
         seats_by_product: dict[str, int],
         kept_answers: int,
+        database_up: bool | None = None,
+        live_nodes: int | None = None,
+        database_backlog: tuple[int, int] | None = None,
     ) -> None:
         self.breaker = breaker
+        self.database_up = database_up  # None: no shared database (SQLite in state_dir)
+        self.live_nodes = live_nodes
+        self.database_backlog = database_backlog  # (spooled writes, audit records not in the database)
         self.audit = audit
         self.audit_records = audit_records
         self.seats_by_product = seats_by_product
@@ -209,3 +224,28 @@ class _StateCollector(Collector):
             "Sequence number of the newest audit record.",
             value=state.audit.seq,
         )
+        if state.database_up is not None:
+            yield GaugeMetricFamily(
+                "license_server_database_up",
+                "1 while this node's heartbeats reach the shared database, 0 while they do not.",
+                value=int(state.database_up),
+            )
+        if state.live_nodes is not None:
+            yield GaugeMetricFamily(
+                "license_server_live_nodes",
+                "Nodes seen by the shared database within the last 5 s, this one included, as of the last"
+                " heartbeat that got through.",
+                value=state.live_nodes,
+            )
+        if state.database_backlog is not None:
+            writes, records = state.database_backlog
+            yield GaugeMetricFamily(
+                "license_server_database_spooled_writes",
+                "Writes waiting in this node's spool for the shared database.",
+                value=writes,
+            )
+            yield GaugeMetricFamily(
+                "license_server_audit_unshipped_records",
+                "Audit records of this node not yet in the shared database.",
+                value=records,
+            )
