@@ -19,10 +19,10 @@ from license_server import __version__, logs
 from license_server.admin.credentials import token_file_problems
 from license_server.audit import search as audit_search
 from license_server.audit import verify as audit_verify
-from license_server.config import Config, ConfigError, describe, load_config
+from license_server.config import Config, ConfigError, describe, load_config, parse_duration
 from license_server.licensing.license_files import LicenseFiles
 from license_server.licensing.signatures import KeyFormatError, load_keyring
-from license_server.reports import charts, machines, tables
+from license_server.reports import charts, machines, runway, tables
 from license_server.reports import seats as reports
 from license_server.storage.backend import seat_reader
 from license_server.storage.seats import LedgerMissingError, LedgerUnreadableError
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     report_sub = report.add_subparsers(dest="report_command", required=True)
     _add_seats_parser(report_sub)
     _add_machines_parser(report_sub)
+    _add_runway_parser(report_sub)
     _add_database_parser(sub)
     return parser
 
@@ -185,6 +186,20 @@ def _add_machines_parser(report_sub: Any) -> None:
         metavar="N",
         help="only machines not seen for N days or more and not deactivated, longest idle first",
     )
+    cmd.add_argument("--name", help="part of the friendly name (any case)")
+    cmd.add_argument("--product", help="product id (exact)")
+    cmd.add_argument("--key", help="license key (any case, whole key)")
+    cmd.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output (default: table)"
+    )
+
+
+def _add_runway_parser(report_sub: Any) -> None:
+    """`report runway`: until when each machine stays licensed if upstream is unreachable from now on."""
+    text = "until when each machine stays licensed if upstream were unreachable from now on, and why"
+    cmd: argparse.ArgumentParser = report_sub.add_parser("runway", help=text, description=text)
+    _add_config_options(cmd)
+    cmd.add_argument("--within", metavar="D", help="only machines that lock out within D, e.g. 24h or 7d")
     cmd.add_argument("--name", help="part of the friendly name (any case)")
     cmd.add_argument("--product", help="product id (exact)")
     cmd.add_argument("--key", help="license key (any case, whole key)")
@@ -464,6 +479,8 @@ def _query(args: argparse.Namespace, now: datetime) -> audit_search.Query:
 
 def _report(args: argparse.Namespace, config: Config) -> int:
     """`report seats` and `report machines`: 0 even when nothing matches, 2 for a bad option or no ledger."""
+    if args.report_command == "runway":
+        return _runway(args, config)
     try:
         request = _seat_query(args) if args.report_command == "seats" else _machine_query(args)
         if args.report_command == "seats" and args.chart is not None:
@@ -533,6 +550,34 @@ def _machine_query(args: argparse.Namespace) -> machines.MachineQuery:
         product=args.product,
         key=args.key,
     )
+
+
+def _runway(args: argparse.Namespace, config: Config) -> int:
+    """`report runway`: 0 even when nothing matches, 2 for a bad option or a store that cannot be read."""
+    from license_server.storage.backend import answer_reader
+    from license_server.storage.postgres import DatabaseError
+
+    now = datetime.now(UTC).timestamp()
+    try:
+        within = None if args.within is None else parse_duration(args.within)
+    except ValueError as exc:
+        print(f"license-server: --within: {exc}", file=sys.stderr)
+        return 2
+    if within is not None and within < 0:
+        print(f"license-server: --within: must not be negative, got {args.within!r}", file=sys.stderr)
+        return 2
+    query = runway.RunwayQuery(now=now, within=within, name=args.name, product=args.product, key=args.key)
+    try:
+        files, _ = LicenseFiles.load(config.license_files, load_keyring(config.public_keys))
+        found = runway.collect(answer_reader(config), seat_reader(config), files, config, now)
+    except KeyFormatError as exc:
+        print(f"license-server: configuration error: public_key: {exc}", file=sys.stderr)
+        return 2
+    except (LedgerUnreadableError, DatabaseError, OSError) as exc:
+        print(f"license-server: cannot read the kept answers or the ledger: {exc}", file=sys.stderr)
+        return 2
+    chosen = runway.select(found, query)
+    return _print(lambda: runway.write_runway(chosen, sys.stdout, args.format, now))
 
 
 def _print(write: Callable[[], object]) -> int:

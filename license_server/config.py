@@ -644,6 +644,91 @@ class DatabaseConfig:
     password_file: Path | None = field(default=None, metadata=_rule(_existing_file, text=True))
 
 
+TIME_LIMITED: tuple[str, ...] = ("none", "all", *(f"f{n}" for n in range(1, 9)))
+
+
+@dataclass(frozen=True, slots=True)
+class ProductConfig:
+    """What the daemon cannot see of one product's application: the checks it makes on a license."""
+
+    # SDKs refuse a license signed longer ago than this (signatureExpirationInterval); None: unknown
+    signature_expiration: float | None = None
+    # which licenses the application refuses after their Expires: none, all, or those with feature f1..f8
+    time_limited: str = "none"
+
+    def checks_expiry(self, features: tuple[bool, ...]) -> bool:
+        """Whether the application refuses a license with these feature flags once it has expired."""
+        if self.time_limited in ("none", "all"):
+            return self.time_limited == "all"
+        index = int(self.time_limited[1:]) - 1
+        return index < len(features) and features[index]
+
+
+_PRODUCT_KEYS = ("signature_expiration", "time_limited")
+
+
+def _products(value: object, origin: _Origin) -> tuple[tuple[str, ProductConfig], ...]:
+    """Per product id: `signature_expiration` (a duration, or unknown) and `time_limited`."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _BadValueError(f"expected a mapping of product ids to settings, got {_shown(value)}")
+    products: list[tuple[str, ProductConfig]] = []
+    for raw_id, settings in value.items():
+        product = str(raw_id).strip()
+        if isinstance(raw_id, bool) or not product.isdigit() or len(product) > 20:
+            raise _BadValueError(f"a product id is a number like 3349, got {_shown(raw_id)}")
+        try:
+            products.append((product, _product(settings or {})))
+        except _BadValueError as problem:
+            raise _BadValueError(f"product {product}: {problem}") from None
+    return tuple(products)
+
+
+def _product(settings: object) -> ProductConfig:
+    """One product's settings."""
+    if not isinstance(settings, dict):
+        raise _BadValueError(f"expected a mapping of settings, got {_shown(settings)}")
+    unknown = sorted(str(key) for key in settings if key not in _PRODUCT_KEYS)
+    if unknown:
+        raise _BadValueError(f"unknown key {unknown[0]!r}; known: {', '.join(_PRODUCT_KEYS)}")
+    expiration: float | None = None
+    raw = settings.get("signature_expiration")
+    if raw is not None and not (isinstance(raw, str) and raw.strip().lower() == "unknown"):
+        try:
+            expiration = parse_duration(raw)
+        except _BadValueError as problem:
+            raise _BadValueError(f"signature_expiration: {problem}, or unknown") from None
+        if expiration <= 0:
+            raise _BadValueError(f"signature_expiration: must be more than 0, got {_shown(raw)}")
+    limited = settings.get("time_limited", "none")
+    if not isinstance(limited, str) or limited.strip().lower() not in TIME_LIMITED:
+        raise _BadValueError(f"time_limited: expected none, all or f1 to f8, got {_shown(limited)}")
+    return ProductConfig(expiration, limited.strip().lower())
+
+
+def _thresholds(value: object, origin: _Origin) -> tuple[float, ...]:
+    """A list of positive durations, longest first."""
+    items = value if isinstance(value, list) else [value]
+    seconds: list[float] = []
+    for item in items:
+        found = parse_duration(item)
+        if found <= 0:
+            raise _BadValueError(f"each must be more than 0, got {_shown(item)}")
+        seconds.append(found)
+    return tuple(sorted(set(seconds), reverse=True))
+
+
+@dataclass(frozen=True, slots=True)
+class RunwayConfig:
+    """How machines near the end of their runway (licensed without upstream until when) are shown."""
+
+    # machines licensed for less than this are highlighted in the console
+    highlight: float = field(default=86400.0, metadata=_rule(_duration(zero_allowed=False)))
+    # during an upstream outage, a warning is logged as machines come within each of these of lock-out
+    warnings: tuple[float, ...] = field(default=(86400.0, 3600.0), metadata=_rule(_thresholds))
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """This daemon among several sharing one database."""
@@ -668,12 +753,22 @@ class Config:
     admin: AdminConfig = AdminConfig()
     database: DatabaseConfig = DatabaseConfig()
     node: NodeConfig = NodeConfig()
+    # per product id: the checks its application makes that limit a machine's runway (docs/runway.md)
+    products: tuple[tuple[str, ProductConfig], ...] = field(default=(), metadata=_rule(_products))
+    runway: RunwayConfig = RunwayConfig()
     # on SIGTERM, how long /readyz answers 503 while calls are still answered, so that a load balancer
     # stops sending calls before the listener closes (docs/running-several-nodes.md)
     shutdown_drain: float = field(default=3.0, metadata=_rule(_duration(zero_allowed=True)))
     shutdown_timeout: float = field(default=10.0, metadata=_rule(_duration(zero_allowed=False)))
     # where the settings came from, e.g. "/etc/license-server/config.yaml + environment"
     source: str = "built-in defaults"
+
+    def product(self, product_id: str) -> ProductConfig:
+        """The settings of one product: those configured, else the defaults (nothing known)."""
+        for product, settings in self.products:
+            if product == product_id:
+                return settings
+        return ProductConfig()
 
     @property
     def audit_dir(self) -> Path:

@@ -156,6 +156,13 @@ async def test_departed_employee_and_offline_device(
     assert "bob-1" in [machine.Mid for machine in kept.activated_machines]
     assert len(upstream.fake.calls) == calls_before
 
+    # Bob's runway: without upstream his kept answer licenses him for keep.max_age (7 days): not highlighted.
+    await page.get_by_role("link", name="sort by runway").click()
+    bob = page.locator("tr", has_text="BOB-PC")
+    assert "(7d 0h; keep.max_age)" in await bob.inner_text()
+    assert await bob.locator("td.runway-short").count() == 0
+    await page.screenshot(path=str(tmp_path / "machines-by-runway.png"), full_page=True)
+
     # The audit log: who did what, searchable, with the chain intact.
     await page.get_by_role("link", name="Audit log").click()
     await page.get_by_label("Action").fill("deactivate")
@@ -168,6 +175,8 @@ async def test_departed_employee_and_offline_device(
     for path in ("/", "/licenses"):
         await page.goto(admin.base + path)
         await page.screenshot(path=str(tmp_path / f"page-{path.strip('/') or 'status'}.png"), full_page=True)
+    await page.goto(admin.base + "/")
+    assert await page.get_by_role("heading", name="Runway").count() == 1
 
     records = [r for r in admin_records(admin) if r["action"] in ("deactivate", "activate", "download")]
     assert [(r["action"], r["friendly_name"], r["ok"]) for r in records] == [

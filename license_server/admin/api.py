@@ -35,11 +35,19 @@ async def machines(request: web.Request) -> web.Response:
     query = request.query
     try:
         offset, most = data.api_window(query)
+        by_runway = data.by_runway(query)
     except data.BadQueryError as exc:
         return error(request, 400, str(exc))
     found = await data.machine_list(
-        request, query.get("q", ""), idle_only=data.flag(query.get("idle")), offset=offset, most=most
+        request,
+        query.get("q", ""),
+        idle_only=data.flag(query.get("idle")),
+        offset=offset,
+        most=most,
+        by_runway=by_runway,
     )
+    for row in found.rows:
+        row.pop("runway_short", None)  # the page's highlight: the API gives the seconds
     return json_response(
         {"machines": found.rows, "truncated": found.next_offset is not None, **data.paging(found)}
     )

@@ -13,6 +13,13 @@ from license_server.admin.keys import CONSOLE, NOW, SETTINGS, VERIFIER
 from license_server.admin.ledger import Slice, find_machines, licenses
 from license_server.admin.trail import MAX_PAGE, PER_PAGE, Page, query_from, read_page
 from license_server.audit.chain import utc_now_text
+from license_server.config import Config
+from license_server.reports import runway
+from license_server.reports.runway import Runway
+from license_server.reports.tables import iso
+from license_server.storage.answers import KeptActivation
+from license_server.storage.backend import answer_reader
+from license_server.storage.seats import MachineRow
 from license_server.web.handlers import status_document
 from license_server.web.keys import Services
 
@@ -50,6 +57,14 @@ async def status(request: web.Request) -> dict[str, Any]:
         "idle_days": request.app[SETTINGS].idle_days,
     }
     return document
+
+
+def by_runway(query: Mapping[str, str]) -> bool:
+    """Whether a machines list is sorted by runway (sort=runway), not by name (sort=name, the default)."""
+    sort = query.get("sort", "name")
+    if sort not in ("name", "runway"):
+        raise BadQueryError("sort: expected name or runway")
+    return sort == "runway"
 
 
 def period(value: str | None) -> int:
@@ -124,21 +139,74 @@ def page_window(query: Mapping[str, str]) -> tuple[int, int]:
     return (page - 1) * per_page, per_page
 
 
-async def machine_list(request: web.Request, text: str, *, idle_only: bool, offset: int, most: int) -> Slice:
-    """A page of the machines matching a search across all licenses, each marked idle or not."""
+async def machine_list(
+    request: web.Request, text: str, *, idle_only: bool, offset: int, most: int, by_runway: bool = False
+) -> Slice:
+    """A page of the machines matching a search across all licenses, marked idle or not, with their runway.
+
+    By name (the ledger's order), the runways of the page's machines are looked up one by one; by runway
+    (soonest lock-out first), every machine's is computed, which takes longer on a large ledger.
+    """
     services = services_of(request)
     ledger = services.licensing.seats
     await ledger.flush()
-    return await asyncio.to_thread(
+    now = request.app[NOW]()
+    found = await asyncio.to_thread(
         find_machines,
         ledger.reader,
         text=text,
         idle_only=idle_only,
         idle_days=request.app[SETTINGS].idle_days,
-        now=request.app[NOW](),
-        offset=offset,
-        limit=most,
+        now=now,
+        offset=0 if by_runway else offset,
+        limit=MAX_OFFSET if by_runway else most,
     )
+    if not by_runway:
+        for row in found.rows:
+            _show_runway(row, await _runway_of(services, row, now), services.config, now)
+        return found
+    await services.store.flush()
+    answers = answer_reader(services.config)
+    every = await asyncio.to_thread(
+        runway.collect, answers, ledger.reader, services.licensing.files, services.config, now
+    )
+    by_name = {(r.product_id, r.key, r.machine_code): r for r in every}
+    for row in found.rows:
+        name = (str(row["product_id"]), str(row["key"]), str(row["machine_code"]))
+        _show_runway(row, by_name.get(name) if row["deactivated"] is None else None, services.config, now)
+    found.rows.sort(key=lambda row: (row["runway_s"] is None, row["runway_s"] or 0))
+    return Slice.of(found.rows, offset, most)
+
+
+async def _runway_of(services: Services, row: Mapping[str, object], now: float) -> Runway | None:
+    """One ledger machine's runway from its kept answers, license file and lease; None once deactivated."""
+    if row["deactivated"] is not None:
+        return None
+    license = (str(row["product_id"]), str(row["key"]))
+    code = str(row["machine_code"])
+    kept = await services.store.kept_activations(*license, code)
+    holdings = [runway.from_kept(KeptActivation(*license, code, at, body)) for body, at in kept]
+    found = [holding for holding in holdings if holding is not None]
+    file = services.licensing.files.for_activate(*license, code)
+    if file is not None:
+        found += [holding for holding in runway.from_file(file) if holding.machine_code == code]
+    lease = services.licensing.seats.live(license).get(code)
+    leases = {} if lease is None else {(license, code): lease.expires}
+    machine = MachineRow(
+        str(row["friendly_name"]), *license, code, 0.0, 0.0, "", 0, bool(row["floating"]), None
+    )
+    (one,) = runway.runways(found, [machine], leases, services.config, now)
+    return one
+
+
+def _show_runway(row: dict[str, object], found: Runway | None, config: Config, now: float) -> None:
+    """Add a machine's runway to its row: until when, why, seconds left, and whether to highlight it."""
+    left = None if found is None else found.remaining(now)
+    row["licensed_until"] = None if found is None else iso(found.until)
+    row["limited_by"] = None if found is None else found.limited_by
+    row["runway_s"] = None if left is None else round(left)
+    row["seat_needs"] = None if found is None else runway.seat(found, now) or None
+    row["runway_short"] = left is not None and left < config.runway.highlight
 
 
 async def audit_page(request: web.Request, params: dict[str, str]) -> Page:

@@ -12,11 +12,13 @@ from aiohttp import web
 from license_server.admin import data
 from license_server.admin.actions import InvalidInputError, Result, Target
 from license_server.admin.api import file_or_error
+from license_server.admin.data import services_of
 from license_server.admin.html import clock_time
 from license_server.admin.keys import ASSETS, CHART_LOCK, CONSOLE, NOW, PRINCIPAL, SETTINGS, VERIFIER
 from license_server.admin.ledger import seat_chart
 from license_server.admin.render import error, page
 from license_server.reports.charts import INSTALL_HINT, ChartsUnavailableError
+from license_server.reports.runway import duration_text
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +66,23 @@ async def status(request: web.Request) -> web.Response:
         vendor_keys=f"{console['vendor_keys']} vendor key(s)" if console["vendor_keys"] else "no vendor key",
         uptime=_duration(document["uptime_s"]),
         database=_database(document.get("database")),
+        runway=_runway(document.get("runway")),
     )
+
+
+def _runway(shown: object) -> dict[str, object] | None:
+    """The status page's runway card: machines locking out within 1 h, 24 h and 7 days without upstream."""
+    if not isinstance(shown, dict):
+        return None
+    within = shown["within"]
+    return {
+        "hour": within["1h"],
+        "day": within["24h"],
+        "week": within["7d"],
+        "machines": shown["machines"],
+        "as_of": clock_time(shown["computed_at"]),
+        "alarm": within["24h"] > 0,
+    }
 
 
 def _database(shown: object) -> str:
@@ -134,9 +152,13 @@ async def machines(request: web.Request, *, message: str = "", kind: str = "ok")
     idle_only = data.flag(request.query.get("idle"))
     try:
         offset, per_page = data.page_window(request.query)
+        by_runway = data.by_runway(request.query)
     except data.BadQueryError as exc:
         return error(request, 400, str(exc))
-    found = await data.machine_list(request, text, idle_only=idle_only, offset=offset, most=per_page)
+    found = await data.machine_list(
+        request, text, idle_only=idle_only, offset=offset, most=per_page, by_runway=by_runway
+    )
+    sorting = {"q": text, **({"idle": "1"} if idle_only else {})}
     return page(
         request,
         "machines.html",
@@ -144,6 +166,10 @@ async def machines(request: web.Request, *, message: str = "", kind: str = "ok")
         kind=kind,
         q=text,
         idle_only=idle_only,
+        by_runway=by_runway,
+        by_name_href="/machines?" + urlencode(sorting),
+        by_runway_href="/machines?" + urlencode({**sorting, "sort": "runway"}),
+        highlight=duration_text(services_of(request).config.runway.highlight),
         idle_days=request.app[SETTINGS].idle_days,
         count=_shown(found.total, offset, len(found.rows), "machine(s)"),
         rows=[_machine_row(row, request.path_qs) for row in found.rows],
@@ -160,10 +186,12 @@ def _machine_row(row: dict[str, Any], back: str) -> dict[str, Any]:
         "floating": "1" if row["floating"] else "",
         "back": back,
     }
+    left = row.get("runway_s")
     return {
         **row,
         "confirm_href": "/machines/deactivate?" + urlencode(confirm),
         "file_href": "/machines/license-file?" + urlencode(target),
+        "runway_left": duration_text(None if left is None else float(str(left))),
     }
 
 

@@ -252,6 +252,7 @@ class SignedLicense:
     block: bool
     sign_date: int | None
     expires: int | None
+    features: tuple[bool, ...] = ()  # F1..F8 as signed; a flag the license does not carry reads False
 
     def matches_machine(self, machine_code: str) -> bool:
         """Whether the license lists `machine_code` as a node-locked or floating activation."""
@@ -351,6 +352,7 @@ def parse_signed_answer(answer: Mapping[str, Any]) -> SignedLicense | None:
         block=block,
         sign_date=_int_field(fields, "SignDate"),
         expires=_int_field(fields, "Expires"),
+        features=tuple(fields.get(f"f{n}") is True for n in range(1, 9)),
     )
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import structlog
 
@@ -172,6 +172,40 @@ class Store:
     async def close(self) -> None:
         """Flush queued writes and close the database."""
         await self._db.close()
+
+
+# Standard SQL: the PostgreSQL reader runs it too.
+KEPT_ACTIVATIONS = (
+    "SELECT product_id, license_key, machine_code, fetched_at, body FROM answers"
+    " WHERE method = 'key/activate' AND machine_code <> ''"
+)
+
+
+class KeptActivation(NamedTuple):
+    """A kept Activate answer as reports read it: whose, when fetched, and its body."""
+
+    product_id: str
+    license_key: str
+    machine_code: str
+    fetched_at: float
+    body: bytes
+
+
+class SqliteAnswerReader:
+    """The kept Activate answers of an answers file, read-only while the daemon may write it (blocking)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def activations(self) -> Iterator[KeptActivation]:
+        """Every kept Activate answer naming a machine; none without a file."""
+        if not self.path.is_file():
+            return
+        db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            yield from map(KeptActivation._make, db.execute(KEPT_ACTIVATIONS))
+        finally:
+            db.close()
 
 
 def _put(db: sqlite3.Connection, kept: Kept) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from license_server.config import Config
-from license_server.storage.answers import Store
-from license_server.storage.interfaces import AnswerStore, SeatReader, SeatStore
+from license_server.storage.answers import SqliteAnswerReader, Store
+from license_server.storage.interfaces import AnswerReader, AnswerStore, SeatReader, SeatStore
 from license_server.storage.seats import LeaseClock, SeatLedger, SqliteSeatReader
 from license_server.storage.state import StateFolder, load_fingerprint_key
 
@@ -87,6 +87,16 @@ async def open_stores(
     live = await seats.open()
     opened.push_async_callback(seats.close)
     return Stores(answers, seats, secret, kept, live, database, heartbeat, spool)
+
+
+def answer_reader(config: Config) -> AnswerReader:
+    """The read side of the kept answers the configuration names, for reports (blocking)."""
+    if config.database.url is None:
+        return SqliteAnswerReader(StateFolder(config.state_dir).answers)
+    from license_server.storage.pg_answers import PgAnswerReader
+    from license_server.storage.postgres import connect_info
+
+    return PgAnswerReader(connect_info(config.database))
 
 
 def seat_reader(config: Config) -> SeatReader:

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from license_server.storage.answers import Kept
+from license_server.storage.answers import Kept, KeptActivation
 from license_server.storage.seats import (
     Lease,
     License,
@@ -35,6 +35,14 @@ class Forgotten:
     cache_keys: frozenset[bytes] = frozenset()
     license: License | None = None  # every answer of this license
     everything: bool = False
+
+
+class AnswerReader(Protocol):
+    """The kept answers as reports read them, beside a daemon that may be writing (blocking)."""
+
+    def activations(self) -> Iterator[KeptActivation]:
+        """Every kept Activate answer naming a machine."""
+        ...
 
 
 class AnswerStore(Protocol):
@@ -107,6 +115,10 @@ class SeatSnapshot(Protocol):
 
     def limits(self) -> dict[License, LicenseLimit]:
         """The seat limit of every license a signed license was seen for."""
+        ...
+
+    def live_leases(self, now: float) -> dict[tuple[License, str], float]:
+        """When each machine's live floating lease ends, by license and machine (the ledger's clock)."""
         ...
 
     def leases(self, license: License, window: Window) -> list[tuple[str, float, float]]:

@@ -21,17 +21,17 @@ import contextlib
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 import structlog
 
 from license_server.background import GroupCommit
-from license_server.storage.answers import Kept
+from license_server.storage.answers import KEPT_ACTIVATIONS, Kept, KeptActivation
 from license_server.storage.interfaces import Forgotten
 from license_server.storage.pg_nodes import settle, within
-from license_server.storage.postgres import Database
+from license_server.storage.postgres import ConnectInfo, Database
 from license_server.storage.spool import DEADLINE, Spool
 
 if TYPE_CHECKING:
@@ -574,6 +574,21 @@ async def _forget_machine(
         gone += [bytes(key) for (key,) in await cursor.fetchall()]
     await _notify(conn, gone, (product_id, license_key))
     return gone
+
+
+class PgAnswerReader:
+    """The kept Activate answers in the shared database, for reports (blocking)."""
+
+    def __init__(self, info: ConnectInfo) -> None:
+        self.info = info
+
+    def activations(self) -> Iterator[KeptActivation]:
+        """Every kept Activate answer naming a machine; DatabaseError if the database cannot be reached."""
+        with self.info.connect() as conn, conn.cursor(name="kept_activations") as cursor:
+            cursor.itersize = 2000
+            cursor.execute(KEPT_ACTIVATIONS)
+            for product, license_key, machine, fetched, body in cursor:
+                yield KeptActivation(product, license_key, machine, float(fetched), bytes(body))
 
 
 def _everything(body: bytes) -> bool:

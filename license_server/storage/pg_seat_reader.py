@@ -17,6 +17,7 @@ import psycopg
 
 from license_server.storage.postgres import ConnectInfo, DatabaseError
 from license_server.storage.seats import (
+    LIVE_LEASES,
     LedgerMissingError,
     LedgerUnreadableError,
     License,
@@ -65,6 +66,7 @@ _DENIALS = (
     " count(*) FROM denials WHERE product_id = %(product)s AND license_key = %(key)s"
     f" AND time >= {_SINCE} AND time < {_UNTIL} GROUP BY 1"
 )
+_LIVE_LEASES = LIVE_LEASES.replace(":now", "%(now)s::double precision")
 _MACHINES = (
     "SELECT friendly_name, product_id, license_key, machine_code, first_seen, last_seen, client, calls,"
     " floating, deactivated FROM machines"
@@ -207,6 +209,11 @@ class PgSeatSnapshot:
             order = f"last_seen, {order}"
         sql = f"{_MACHINES} WHERE {' AND '.join(conditions)} ORDER BY {order}"
         return [_machine_row(row) for row in self._conn.execute(sql, params)]
+
+    def live_leases(self, now: float) -> dict[tuple[License, str], float]:
+        """When each machine's live floating lease ends, by license and machine (the database's clock)."""
+        rows = self._conn.execute(_LIVE_LEASES, {"now": now})
+        return {((str(p), str(k)), str(m)): float(e) for p, k, m, e in rows}
 
     def machine(self, license: License, machine_code: str) -> MachineRow | None:
         """One machine of a license, if the ledger knows it."""

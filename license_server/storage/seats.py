@@ -474,6 +474,11 @@ class SeatLedger:
 # -- the read side: reports and the console ---------------------------------------------------------------
 
 # Leases live within the range, cut to it; a lease is live on [started, end), a release ends it early.
+# Standard SQL with named parameters, for both backends (the PostgreSQL reader turns :now into %(now)s).
+LIVE_LEASES = (
+    "SELECT product_id, license_key, machine_code, max(expires) FROM leases"
+    " WHERE open AND released IS NULL AND expires > :now GROUP BY product_id, license_key, machine_code"
+)
 _LEASES = (
     "SELECT machine_code, start, stop FROM ("
     " SELECT machine_code, max(started, :since) AS start,"
@@ -633,6 +638,11 @@ class SqliteSeatSnapshot:
         """The license's leases live in the window, cut to it: (machine, start, end), live on [start, end)."""
         rows: list[tuple[str, float, float]] = self._db.execute(_LEASES, _params(license, window)).fetchall()
         return rows
+
+    def live_leases(self, now: float) -> dict[tuple[License, str], float]:
+        """When each machine's live floating lease ends, by license and machine (wall clock)."""
+        rows = self._db.execute(LIVE_LEASES, {"now": now})
+        return {((str(p), str(k)), str(m)): float(e) for p, k, m, e in rows}
 
     def callers(self, license: License, window: Window) -> Iterator[tuple[int, str, int]]:
         """(bucket, machine, 1 if it called without a seat there) once per machine and bucket, by bucket."""

@@ -19,10 +19,13 @@ from license_server.config import MAX_BODY_BYTES, Config, hold_restart_only
 from license_server.licensing.cache import AnswerCache
 from license_server.licensing.license_files import LicenseFiles
 from license_server.licensing.policy import Licensing, Rules
+from license_server.licensing.runway import RunwayWatch
 from license_server.licensing.signatures import KeyRing, load_keyring
-from license_server.licensing.upstream import Breaker, Upstream, make_session
+from license_server.licensing.upstream import Breaker, BreakerState, Upstream, make_session
 from license_server.logs import CallLine, structlog_call_line
-from license_server.storage.backend import open_stores
+from license_server.reports import runway
+from license_server.reports.runway import Runway
+from license_server.storage.backend import answer_reader, open_stores
 from license_server.storage.seats import BootClock, LeaseClock
 from license_server.storage.state import StateLock, warn_if_open
 from license_server.web.handlers import handle
@@ -95,6 +98,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             shipper=shipper,
         )
         opened.push_async_callback(services.close_upstreams)
+        services.runway = _watch_runway(services, app[CLOCK])
+        opened.push_async_callback(services.runway.close)
         metrics.watch(lambda: _snapshot(services))
         app[SERVICES] = services
         log.info(
@@ -129,6 +134,25 @@ def _ship_audit(config: Config, database: Database, audit: AuditLog) -> Shipper:
     return shipper
 
 
+def _watch_runway(services: Services, clock: Callable[[], float]) -> RunwayWatch:
+    """Start computing every machine's runway now and then, from this daemon's stores and files."""
+    answers = answer_reader(services.config)
+
+    def compute(now: float) -> list[Runway]:
+        """Every machine's runway (blocking)."""
+        licensing = services.licensing
+        return runway.collect(answers, licensing.seats.reader, licensing.files, services.config, now)
+
+    def outage() -> bool:
+        """Whether workstations are answered without upstream now: offline mode or an open breaker."""
+        upstream = services.upstream
+        return upstream is None or upstream.breaker.state is BreakerState.OPEN
+
+    watch = RunwayWatch(compute, config=lambda: services.config, outage=outage, clock=clock)
+    watch.start()
+    return watch
+
+
 def make_upstream(config: Config) -> Upstream | None:
     """The egress for a configuration: None in offline mode."""
     if config.upstream.offline:
@@ -158,6 +182,7 @@ def _snapshot(services: Services) -> Snapshot:
         database_up=None if services.heartbeat is None else services.heartbeat.up,
         live_nodes=None if services.heartbeat is None else len(services.heartbeat.peers),
         database_backlog=services.database_backlog(),
+        runway=None if services.runway is None else services.runway.latest,
     )
 
 

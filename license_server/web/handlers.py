@@ -249,6 +249,14 @@ def status_document(services: Services) -> dict[str, object]:
         },
         "uptime_s": round(time.time() - services.started),
     }
+    watch = services.runway
+    if watch is not None and watch.latest is not None and watch.computed_at is not None:  # counts only
+        document["runway"] = {
+            "computed_at": utc_now_text(watch.computed_at),
+            "machines": watch.latest.machines,
+            "within": watch.latest.within,
+            "shortest_s": {product: round(left) for product, left in sorted(watch.latest.shortest.items())},
+        }
     database = services.database
     if database is not None:  # the URL as logs show it: never a password
         shared: dict[str, object] = {"url": database.info.shown, "schema_version": database.schema_version}

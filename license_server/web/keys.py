@@ -25,6 +25,7 @@ from license_server.web.metrics import Metrics
 
 if TYPE_CHECKING:
     from license_server.audit.shipping import Shipper
+    from license_server.licensing.runway import RunwayWatch
     from license_server.storage.pg_nodes import Heartbeat
     from license_server.storage.spool import Spool
 
@@ -60,6 +61,7 @@ class Services:
     heartbeat: Heartbeat | None = None  # with a database: this node's view of it and of its peers
     spool: Spool | None = None  # with a database: writes waiting on this node's disk for it
     shipper: Shipper | None = None  # with a database: copies this node's audit records into it
+    runway: RunwayWatch | None = None  # every machine's runway, counted now and then
     draining: bool = False  # stopping after SIGTERM: /readyz answers 503 while calls are still answered
 
     @property

@@ -17,6 +17,7 @@ from license_server.licensing.upstream import BreakerState
 
 if TYPE_CHECKING:
     from license_server.licensing.policy import Outcome
+    from license_server.reports.runway import Outlook
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BREAKER = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -153,6 +154,7 @@ class Snapshot:
         "database_up",
         "kept_answers",
         "live_nodes",
+        "runway",
         "seats_by_product",
     )
 
@@ -167,11 +169,13 @@ class Snapshot:
         database_up: bool | None = None,
         live_nodes: int | None = None,
         database_backlog: tuple[int, int] | None = None,
+        runway: Outlook | None = None,
     ) -> None:
         self.breaker = breaker
         self.database_up = database_up  # None: no shared database (SQLite in state_dir)
         self.live_nodes = live_nodes
         self.database_backlog = database_backlog  # (spooled writes, audit records not in the database)
+        self.runway = runway  # None until first computed
         self.audit = audit
         self.audit_records = audit_records
         self.seats_by_product = seats_by_product
@@ -237,6 +241,24 @@ class _StateCollector(Collector):
                 " heartbeat that got through.",
                 value=state.live_nodes,
             )
+        if state.runway is not None:
+            within = GaugeMetricFamily(
+                "license_server_runway_machines",
+                "Machines that would stop being licensed within this span if upstream were unreachable from"
+                " now on (each counted in every span it is within).",
+                labels=["within"],
+            )
+            for label, count in state.runway.within.items():
+                within.add_metric([label], count)
+            yield within
+            shortest = GaugeMetricFamily(
+                "license_server_runway_shortest_seconds",
+                "Seconds until the product's first machine would stop being licensed without upstream.",
+                labels=["product_id"],
+            )
+            for product, seconds in sorted(state.runway.shortest.items()):
+                shortest.add_metric([product], round(seconds))
+            yield shortest
         if state.database_backlog is not None:
             writes, records = state.database_backlog
             yield GaugeMetricFamily(
