@@ -7,7 +7,8 @@ Shape (the defaults; `LedgerShape.scaled` shrinks it for --quick):
 - 100 floating licenses of 3 seats: on each workday a machine wants a seat with probability 0.35, from a
   random time between 07:00 and 12:00 for 1 to 6 hours; it activates with FloatingTimeInterval 7200 and
   renews every hour (one call each); 80 % of sessions end with a deactivation (lease released), the rest
-  let the lease expire; a machine that finds all 3 seats taken is denied (one call, a denial row asking for 7200 s);
+  let the lease expire; a machine that finds all 3 seats taken is denied (one call, a denial row that asks
+  for 7200 s);
 - every call adds to its (license, hour, machine) activity row, as SeatLedger.seen does, and to the
   machine's row (first and last seen, calls, deactivated after a release until it activates again).
 That is about 1,000,000 calls over the 365 days that end at the current hour; the exact count is returned.
