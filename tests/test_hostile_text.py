@@ -120,6 +120,21 @@ class TestCharts:
         text = assert_well_formed_svg((tmp_path / "seats.svg").read_bytes())
         assert "limit of 2" in text
 
+    @pytest.mark.parametrize("key", HOSTILE_KEYS)
+    def test_the_demand_line_stays_escaped(self, ledger: Ledger, tmp_path: Path, key: str) -> None:
+        """The console's chart with demand beside seats: the key's label is plain text in a sound SVG."""
+        ledger.license(1, key=key)
+        ledger.lease("a", at(3, 8), at(3, 9), key=key)
+        ledger.denial("b", at(3, 8), key=key, interval=600)
+        with SqliteSeatReader(ledger.path).snapshot() as snapshot:
+            planned = plan.plan_report(
+                snapshot, plan.PlanQuery(since=at(3), until=at(4), now=at(4), idle_days=1)
+            )
+        demand = {(found.product_id, found.key): found for found in planned.licenses}
+        charts.draw_seats(seat_report(ledger), tmp_path / "seats.svg", demand)
+        text = assert_well_formed_svg((tmp_path / "seats.svg").read_bytes())
+        assert "demand, refused machines included" in text
+
     def test_a_matplotlibrc_asking_for_tex_does_not_apply(
         self, ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

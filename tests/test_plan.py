@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from license_server.cli import main
-from license_server.reports import plan
+from license_server.reports import charts, plan
 from license_server.reports.plan import PlanQuery, plan_report
+from license_server.reports.seats import SeatQuery, SeatReport, seat_report
 from license_server.storage.seats import (
     LIMIT_REACHED,
     SCHEMA,
@@ -422,3 +423,69 @@ class TestCommand:
     def test_without_a_ledger(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["report", "plan", "--set", f"state_dir={tmp_path}"]) == 2
         assert "no seat ledger at" in capsys.readouterr().err
+
+
+class TestChart:
+    """The demand line the console's chart draws beside seats in use."""
+
+    def planned(self, path: Path, since: float, until: float) -> tuple[SeatReport, plan.LicensePlan]:
+        """The seat report by hour and the plan of one license over a range."""
+        with SqliteSeatReader(path).snapshot() as snapshot:
+            seats = seat_report(snapshot, SeatQuery(since=since, until=until, every="hour"))
+            return seats, only(
+                plan_report(snapshot, PlanQuery(since=since, until=until, now=until, idle_days=1))
+            )
+
+    def test_demand_follows_every_change(self, tmp_path: Path) -> None:
+        ledger = Ledger(tmp_path)
+        ledger.lease("A", at(3, 8), at(3, 10))
+        ledger.denial("B", at(3, 9), interval=HOUR)
+        ledger.close()
+        seats, found = self.planned(ledger.path, at(3), at(4))
+        times, counts = charts.demand_series(seats, found)
+        assert list(zip(times, counts, strict=True)) == [
+            (at(3), 0),
+            (at(3, 8), 1),
+            (at(3, 9), 2),
+            (at(3, 10), 0),
+            (at(4), 0),
+        ]
+
+    def test_too_many_changes_draw_the_peak_of_each_hour(self, tmp_path: Path) -> None:
+        """Over MAX_STEP_POINTS changes, each hour's highest demand, as a plain scan of the steps finds it."""
+        ledger = Ledger(tmp_path)
+        for n in range(charts.MAX_STEP_POINTS // 2 + 10):
+            start = at(3) + n * 17.0
+            ledger.lease(f"m{n % 7}", start, start + 60 + n % 11 * 30)
+            if n % 5 == 0:
+                ledger.denial(f"w{n % 3}", start, interval=45)
+        ledger.close()
+        seats, found = self.planned(ledger.path, at(3), at(4))
+        assert len(found.steps) > charts.MAX_STEP_POINTS
+        times, counts = charts.demand_series(seats, found)
+        ends = [step[0] for step in found.steps[1:]] + [round(at(4) * 10**6)]
+        expected = []
+        for hour in range(24):
+            low, high = round((at(3) + hour * HOUR) * 10**6), round((at(3) + (hour + 1) * HOUR) * 10**6)
+            expected.append(
+                max(
+                    (
+                        held + waiting
+                        for (moment, held, waiting), end in zip(found.steps, ends, strict=True)
+                        if moment < high and end > low and end > moment
+                    ),
+                    default=0,
+                )
+            )
+        assert times == [at(3) + hour * HOUR for hour in range(24)] + [at(4)]
+        assert counts == [*expected, expected[-1]]
+
+    def test_the_chart_draws_demand_where_it_passed_the_seats(self, tmp_path: Path) -> None:
+        ledger = Ledger(tmp_path)
+        ledger.license(1)
+        ledger.lease("A", at(3, 8), at(3, 10))
+        ledger.denial("B", at(3, 9), interval=HOUR)
+        ledger.close()
+        seats, found = self.planned(ledger.path, at(3), at(4))
+        charts.draw_seats(seats, tmp_path / "seats.svg", {LICENSE: found})
+        assert "demand, refused machines included" in (tmp_path / "seats.svg").read_text()
