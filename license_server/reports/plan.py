@@ -202,6 +202,8 @@ def demand_steps(
     leases: Sequence[tuple[str, float, float]], wishes: Sequence[Wish], since: float, until: float
 ) -> list[Step]:
     """Live leases and waiting machines over [since, until) as steps; empty when neither ever happened."""
+    if not leases and not wishes:
+        return []
     since_us, until_us = _us(since), _us(until)
     holds: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
     for machine, start, end in leases:
@@ -223,8 +225,6 @@ def demand_steps(
             for start, end in machine_spans if kind == 0 else _merged(machine_spans):
                 changes[(start, kind)] += 1
                 changes[(end, kind)] -= 1
-    if not leases and not wishes:
-        return []
     steps: list[Step] = [(since_us, 0, 0)]
     live = waiting = 0
     for (moment, kind), change in sorted(changes.items()):
