@@ -7,7 +7,8 @@ Shape (the defaults; `LedgerShape.scaled` shrinks it for --quick):
 - 100 floating licenses of 3 seats: on each workday a machine wants a seat with probability 0.35, from a
   random time between 07:00 and 12:00 for 1 to 6 hours; it activates with FloatingTimeInterval 7200 and
   renews every hour (one call each); 80 % of sessions end with a deactivation (lease released), the rest
-  let the lease expire; a machine that finds all 3 seats taken is denied (one call, a denial row);
+  let the lease expire; a machine that finds all 3 seats taken is denied (one call, a denial row that asks
+  for 7200 s);
 - every call adds to its (license, hour, machine) activity row, as SeatLedger.seen does, and to the
   machine's row (first and last seen, calls, deactivated after a release until it activates again).
 That is about 1,000,000 calls over the 365 days that end at the current hour; the exact count is returned.
@@ -179,7 +180,9 @@ def _floating_year(
             live = [stop for stop in live if stop > start]
             if len(live) >= shape.floating_seats:
                 lic.call(machine, start, activated=False)
-                lic.denials.append((_PRODUCT, lic.key, machine.code, start, "upstream", LIMIT_REACHED))
+                lic.denials.append(
+                    (_PRODUCT, lic.key, machine.code, start, "upstream", LIMIT_REACHED, shape.lease_seconds)
+                )
                 continue
             lic.call(machine, start)
             renewals = int(length // HOUR)
@@ -230,7 +233,7 @@ def _write(db: sqlite3.Connection, lic: _License, machines: list[_Machine], limi
         )
         db.executemany("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", lic.leases)
         db.executemany(
-            "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message,"
+            " floating_interval) VALUES (?, ?, ?, ?, ?, ?, ?)",
             lic.denials,
         )

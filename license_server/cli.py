@@ -22,7 +22,7 @@ from license_server.audit import verify as audit_verify
 from license_server.config import Config, ConfigError, describe, load_config, parse_duration
 from license_server.licensing.license_files import LicenseFiles
 from license_server.licensing.signatures import KeyFormatError, load_keyring
-from license_server.reports import charts, machines, runway, tables
+from license_server.reports import charts, machines, plan, runway, tables
 from license_server.reports import seats as reports
 from license_server.storage.backend import seat_reader
 from license_server.storage.seats import LedgerMissingError, LedgerUnreadableError
@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_seats_parser(report_sub)
     _add_machines_parser(report_sub)
     _add_runway_parser(report_sub)
+    _add_plan_parser(report_sub)
     _add_database_parser(sub)
     return parser
 
@@ -146,15 +147,7 @@ def _add_seats_parser(report_sub: Any) -> None:
     text = "peak floating seats, machines and denials per license and hour, day or week; optionally a chart"
     cmd: argparse.ArgumentParser = report_sub.add_parser("seats", help=text, description=text)
     _add_config_options(cmd)
-    for option, edge in (
-        ("--since", "from this UTC time (default: 30 days ago at 00:00)"),
-        ("--until", "up to, not including, this UTC time (default: now)"),
-    ):
-        cmd.add_argument(
-            option,
-            metavar="T",
-            help=f"{edge}: 2026-11-01, 2026-11-01T08:00, 2026-11-01T08:00:00Z, or 7d, 12h, 30m ago",
-        )
+    _add_period_options(cmd)
     cmd.add_argument(
         "--every",
         choices=tuple(reports.EVERY),
@@ -172,6 +165,41 @@ def _add_seats_parser(report_sub: Any) -> None:
         type=Path,
         metavar="FILE",
         help="also draw seats in use against the limit to FILE.svg or FILE.png",
+    )
+
+
+def _add_period_options(cmd: argparse.ArgumentParser) -> None:
+    """--since and --until, as the seat and plan reports take them."""
+    for option, edge in (
+        ("--since", "from this UTC time (default: 30 days ago at 00:00)"),
+        ("--until", "up to, not including, this UTC time (default: now)"),
+    ):
+        cmd.add_argument(
+            option,
+            metavar="T",
+            help=f"{edge}: 2026-11-01, 2026-11-01T08:00, 2026-11-01T08:00:00Z, or 7d, 12h, 30m ago",
+        )
+
+
+def _add_plan_parser(report_sub: Any) -> None:
+    """`report plan`: the floating seats demand needed, and the node-locked seats idle machines hold."""
+    text = (
+        "how many seats each license needs: floating demand (denied machines included) and the seats that"
+        " serve 95, 99 and 100 %% of it, hours above the limit, idle node-locked machines to free"
+    )
+    cmd: argparse.ArgumentParser = report_sub.add_parser("plan", help=text, description=text)
+    _add_config_options(cmd)
+    _add_period_options(cmd)
+    cmd.add_argument("--product", help="product id (exact)")
+    cmd.add_argument("--key", help="license key (any case, whole key)")
+    cmd.add_argument(
+        "--idle-days",
+        type=int,
+        metavar="N",
+        help="a node-locked machine not seen for N days or more is idle (default: admin.idle_days)",
+    )
+    cmd.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output (default: table)"
     )
 
 
@@ -481,6 +509,8 @@ def _report(args: argparse.Namespace, config: Config) -> int:
     """`report seats` and `report machines`: 0 even when nothing matches, 2 for a bad option or no ledger."""
     if args.report_command == "runway":
         return _runway(args, config)
+    if args.report_command == "plan":
+        return _report_plan(args, config)
     try:
         request = _seat_query(args) if args.report_command == "seats" else _machine_query(args)
         if args.report_command == "seats" and args.chart is not None:
@@ -524,9 +554,8 @@ def _report_seats(report: reports.SeatReport, form: str, chart: Path | None) -> 
     return status
 
 
-def _seat_query(args: argparse.Namespace) -> reports.SeatQuery:
-    """The seat report the options describe; ValueError for a time that cannot be used."""
-    now = datetime.now(UTC)
+def _period(args: argparse.Namespace, now: datetime) -> tuple[float, float]:
+    """--since and --until as unix seconds; ValueError for a time that cannot be used."""
     default_since = (now - timedelta(days=30)).replace(hour=0, minute=0, second=0, microsecond=0)
     since = audit_search.parse_time(args.since, now) if args.since else default_since
     until = audit_search.parse_time(args.until, now) if args.until else now
@@ -534,8 +563,54 @@ def _seat_query(args: argparse.Namespace) -> reports.SeatQuery:
         raise ValueError(
             f"--until ({until:%Y-%m-%dT%H:%M:%SZ}) must be later than --since ({since:%Y-%m-%dT%H:%M:%SZ})"
         )
-    return reports.SeatQuery(
-        since=since.timestamp(), until=until.timestamp(), every=args.every, product=args.product, key=args.key
+    return since.timestamp(), until.timestamp()
+
+
+def _seat_query(args: argparse.Namespace) -> reports.SeatQuery:
+    """The seat report the options describe; ValueError for a time that cannot be used."""
+    since, until = _period(args, datetime.now(UTC))
+    return reports.SeatQuery(since=since, until=until, every=args.every, product=args.product, key=args.key)
+
+
+def _report_plan(args: argparse.Namespace, config: Config) -> int:
+    """`report plan`: 0 even when nothing matches (saying why), 2 for a bad option or no ledger."""
+    try:
+        query = _plan_query(args, config)
+        with seat_reader(config).snapshot() as ledger:
+            report = plan.plan_report(ledger, query)
+            known = bool(plan.licenses_of(ledger, query.product, query.key))
+    except (ValueError, LedgerMissingError) as exc:
+        print(f"license-server: {exc}", file=sys.stderr)
+        return 2
+    except LedgerUnreadableError as exc:
+        print(f"license-server: cannot read the seat ledger: {exc}", file=sys.stderr)
+        return 2
+    status = _print(lambda: plan.write_plan(report, sys.stdout, args.format))
+    if not known and (query.product is not None or query.key is not None):
+        asked = " and ".join(
+            f"{name} {tables.printable(repr(value))}"
+            for name, value in (("product", query.product), ("key", query.key))
+            if value is not None
+        )
+        print(f"license-server: the seat ledger has no license of {asked}", file=sys.stderr)
+    elif not report.licenses and args.format != "table":
+        print(f"license-server: {plan.EMPTY_PLAN}", file=sys.stderr)
+    return status
+
+
+def _plan_query(args: argparse.Namespace, config: Config) -> plan.PlanQuery:
+    """The plan the options describe; ValueError for a time or --idle-days that cannot be used."""
+    if args.idle_days is not None and args.idle_days < 0:
+        raise ValueError(f"--idle-days: must not be negative, got {args.idle_days}")
+    now = datetime.now(UTC)
+    since, until = _period(args, now)
+    return plan.PlanQuery(
+        since=since,
+        until=until,
+        now=now.timestamp(),
+        idle_days=config.admin.idle_days if args.idle_days is None else args.idle_days,
+        product=args.product,
+        key=args.key,
     )
 
 

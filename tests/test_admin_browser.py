@@ -23,6 +23,7 @@ from tests.conftest import LICENSE, OTHER_LICENSE, PRODUCT, Clock, Upstream, Wor
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
+FLOATING = "FLOAT-FLOAT-FLOAT-FLOAT"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -172,6 +173,34 @@ async def test_departed_employee_and_offline_device(
     assert await table.locator("tr").count() == 2
     assert "carol@127.0.0.1#" in await table.inner_text()
     await page.screenshot(path=str(tmp_path / "audit.png"), full_page=True)
+
+    # A floating license of one seat: one machine holds it, a second is refused for its 600 s interval.
+    upstream.fake.add_license(PRODUCT, FLOATING, max_machines=1)
+    assert (await workstation("float-1").activate(FLOATING, floating=600))[0] is not None
+    assert (await workstation("float-2").activate(FLOATING, floating=600))[0] is None
+    await admin.settle()
+    clock.advance(300)  # the licenses page's period ends now: five minutes of both wanting a seat
+    await page.goto(admin.base + "/licenses")
+    header = await page.locator("table thead").inner_text()
+    for column in (
+        "Peak demand",
+        "Unmet demand",
+        "Seats for 95 %",
+        "Seats for 100 %",
+        "Idle machines to free",
+    ):
+        assert column in header
+    cells = page.locator("tr", has_text=FLOATING).locator("td")
+    texts = [text.strip() for text in await cells.all_inner_texts()]
+    names = [name.strip() for name in await page.locator("table thead th").all_inner_texts()]
+    row = dict(zip(names, texts, strict=True))
+    assert (row["Seat limit"], row["Peak floating"], row["Peak demand"]) == ("1", "1", "2")
+    assert (row["Seats for 95 %"], row["Seats for 100 %"], row["Denials"]) == ("2", "2", "1")
+    assert row["Unmet demand (seat-hours)"] == "0.08"  # the refused machine waited 300 s of the period
+    assert int(row["Hours over the limit"]) >= 1
+    chart = await page.request.get(admin.base + "/licenses/chart.svg?days=30")
+    assert "demand, refused machines included" in await chart.text()
+
     for path in ("/", "/licenses"):
         await page.goto(admin.base + path)
         await page.screenshot(path=str(tmp_path / f"page-{path.strip('/') or 'status'}.png"), full_page=True)

@@ -380,6 +380,13 @@ class TestAuditAndStatus:
         assert status == 200
         (row,) = [r for r in body["licenses"] if r["key"] == LICENSE]
         assert (row["seat_limit"], row["floating_in_use"], row["machines_active"]) == (3, 1, 2)
+        # the plan's columns: f1's lease began at the period's very end, so it counts no demand yet
+        assert (row["peak_demand"], row["seats_100"], row["unmet_seat_hours"], row["idle_machines"]) == (
+            0,
+            0,
+            0.0,
+            0,
+        )
         assert (await admin.api("GET", "/api/v1/licenses", params={"days": "0"}))[0] == 400
         status, body, _ = await admin.api("GET", "/api/v1/status")
         assert body["upstream"]["state"] == "closed"

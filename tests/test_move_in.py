@@ -97,7 +97,9 @@ async def test_moved_in_once_and_served_by_a_database_node(
     assert await asyncio.to_thread(rows, pg_url, "SELECT count(DISTINCT node) FROM audit_records") == [(1,)]
     assert await asyncio.to_thread(rows, pg_url, "SELECT count(*) FROM answers") == kept
     assert await asyncio.to_thread(rows, pg_url, "SELECT sum(calls) FROM machines") == calls
-    assert await asyncio.to_thread(rows, pg_url, "SELECT count(*) FROM denials") == [(1,)]
+    # carol's refusal was of a node-locked activation: it asked for no floating interval (0, not unknown)
+    denials = "SELECT count(*), max(floating_interval) FROM denials"
+    assert await asyncio.to_thread(rows, pg_url, denials) == [(1, 0.0)]
     assert await asyncio.to_thread(rows, pg_url, "SELECT count(*) FROM leases WHERE open") == [(1,)]
 
     # The node now runs on the database; upstream fails: the moved answer is served, byte for byte.
@@ -153,3 +155,17 @@ async def test_second_node_answers_skipped(
     assert "skipped" in out
     assert "another fingerprint key" in out
     assert await asyncio.to_thread(rows, pg_url, "SELECT count(DISTINCT node) FROM denials") == [(2,)]
+
+
+async def test_a_ledger_from_before_intervals_were_kept_moves_in(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ledger file the version before made (no interval column) moves in; its denials have none."""
+    from tests.test_plan import old_ledger
+
+    await asyncio.to_thread(old_ledger, StateFolder(tmp_path).seats)
+    status, out, err = await move_in(tmp_path, pg_url, capsys)
+    assert status == 0, err
+    assert "denials: 1" in out
+    denials = "SELECT machine_code, floating_interval FROM denials"
+    assert await asyncio.to_thread(rows, pg_url, denials) == [("m0", None)]

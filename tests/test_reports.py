@@ -91,12 +91,20 @@ class Ledger:
             "INSERT INTO activity VALUES (?, ?, ?, ?, ?, 1)", (product, key, hour, machine, int(floating))
         )
 
-    def denial(self, machine: str, moment: float, *, product: str = PRODUCT, key: str = KEY) -> None:
-        """A refused seat."""
+    def denial(
+        self,
+        machine: str,
+        moment: float,
+        *,
+        product: str = PRODUCT,
+        key: str = KEY,
+        interval: float | None = None,
+    ) -> None:
+        """A refused seat, asking for `interval` seconds (None: kept before the ledger kept intervals)."""
         self.db.execute(
-            "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message)"
-            " VALUES (?, ?, ?, ?, 'local', 'limit reached')",
-            (product, key, machine, moment),
+            "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message,"
+            " floating_interval) VALUES (?, ?, ?, ?, 'local', 'limit reached', ?)",
+            (product, key, machine, moment, interval),
         )
 
     def machine(

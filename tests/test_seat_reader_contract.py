@@ -17,8 +17,10 @@ import pytest
 
 from license_server.config import DatabaseConfig
 from license_server.reports import machines as machine_report
+from license_server.reports import plan
 from license_server.reports import seats as reports
 from license_server.reports.machines import MachineQuery
+from license_server.reports.plan import PlanQuery
 from license_server.reports.seats import Buckets, SeatQuery
 from license_server.storage.interfaces import SeatReader, SeatSnapshot
 from license_server.storage.pg_seat_reader import PgSeatReader
@@ -55,7 +57,7 @@ class History:
         default_factory=list
     )
     activity: dict[tuple[str, str, int, str], tuple[bool, int]] = field(default_factory=dict)
-    denials: list[tuple[str, str, str, float, str, str]] = field(default_factory=list)
+    denials: list[tuple[str, str, str, float, str, str, float | None]] = field(default_factory=list)
 
 
 def history(seed: int) -> History:
@@ -125,8 +127,17 @@ def history(seed: int) -> History:
             hour = int(math.floor(moment() / HOUR) * HOUR)
             made.activity[(product, key, hour, rng.choice(codes))] = (rng.random() < 0.5, rng.randint(1, 50))
         for _ in range(rng.randint(0, 20)):
+            interval = rng.choice((None, 0.0, 300.0, 300.0, rng.uniform(1, 2 * DAY)))
             made.denials.append(
-                (product, key, rng.choice(codes), moment(), rng.choice(("upstream", "local")), "limit")
+                (
+                    product,
+                    key,
+                    rng.choice(codes),
+                    moment(),
+                    rng.choice(("upstream", "local")),
+                    "limit",
+                    interval,
+                )
             )
     return made
 
@@ -153,8 +164,8 @@ def write_sqlite(path: Path, made: History) -> None:
             [(*k, int(floating), calls) for k, (floating, calls) in made.activity.items()],
         )
         db.executemany(
-            "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message,"
+            " floating_interval) VALUES (?, ?, ?, ?, ?, ?, ?)",
             made.denials,
         )
         db.execute("COMMIT")
@@ -178,8 +189,8 @@ def write_postgres(url: str, made: History) -> None:
             [(*k, floating, calls) for k, (floating, calls) in made.activity.items()],
         )
         cur.executemany(
-            "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message, node)"
-            " VALUES (%s, %s, %s, %s, %s, %s, 'node-a')",
+            "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message,"
+            " floating_interval, node) VALUES (%s, %s, %s, %s, %s, %s, %s, 'node-a')",
             made.denials,
         )
 
@@ -266,6 +277,9 @@ def test_every_snapshot_method_answers_alike(both: Both) -> None:
             assert pg.licenses(product) == lite.licenses(product)
         assert pg.limits() == lite.limits()
         assert pg.machine_counts() == lite.machine_counts()
+        for idle_before in (T0 - 10 * DAY, T0, T0 + 3 * DAY, T0 + 30 * DAY):
+            assert pg.node_locked(idle_before) == lite.node_locked(idle_before)
+        assert any(lite.node_locked(T0 + 3 * DAY).values())
         for license in license_set(both.made):
             assert pg.limit(license) == lite.limit(license)
             for window in windows(rng):
@@ -274,6 +288,7 @@ def test_every_snapshot_method_answers_alike(both: Both) -> None:
                 assert list(pg.callers(license, window)) == list(lite.callers(license, window))
                 assert list(pg.presence(license, window)) == list(lite.presence(license, window))
                 assert pg.denials(license, window) == lite.denials(license, window)
+                assert pg.wishes(license, window) == lite.wishes(license, window)
         for row in [*both.made.machines, ("3349", KEYS[0], "unknown", *both.made.machines[0][3:])]:
             license, code = (row[0], row[1]), row[2]
             assert pg.machine(license, code) == lite.machine(license, code)
@@ -316,6 +331,26 @@ def test_reports_are_the_same_from_either_backend(both: Both) -> None:
             expected = reports.seat_report(lite, query, max_steps=10_000)
             assert reports.seat_report(pg, query, max_steps=10_000) == expected
         assert any(reports.seat_report(lite, query).licenses for query in queries)
+        plans: list[plan.LicensePlan] = []
+        for since, span, product, key in [
+            (-5 * DAY, 20 * DAY, None, None),
+            (-HOUR / 3, 3 * DAY, "3349", None),
+            (DAY + 0.5, 4 * DAY, None, "muyvd-lsebY-cxhrq-xfagy"),
+        ]:
+            for idle_days in (0, 2):
+                plan_query = PlanQuery(
+                    since=T0 + since,
+                    until=T0 + since + span,
+                    now=T0 + 5 * DAY,
+                    idle_days=idle_days,
+                    product=product,
+                    key=key,
+                )
+                planned = plan.plan_report(lite, plan_query)
+                assert plan.plan_report(pg, plan_query) == planned
+                plans.extend(planned.licenses)
+        assert any(found.unmet_us for found in plans)
+        assert any(found.node_locked.idle for found in plans)
         for machine_query in machine_queries:
             expected_rows = machine_report.machines(lite, machine_query)
             assert machine_report.machines(pg, machine_query) == expected_rows

@@ -234,10 +234,25 @@ class TestContract:
     async def test_denials_are_kept(self, backend: Backend) -> None:
         """Refusals reach the read side."""
         store = await backend.node()
-        store.denied(LIC, "m1", by="local", message=LIMIT_REACHED)
-        store.denied(LIC, "m2", by="upstream", message=LIMIT_REACHED)
+        store.denied(LIC, "m1", by="local", message=LIMIT_REACHED, interval=300)
+        store.denied(LIC, "m2", by="upstream", message=LIMIT_REACHED, interval=0)
         await store.flush()
         assert await denials_of(store) == 2
+
+    async def test_denials_keep_the_interval_asked_for(self, backend: Backend) -> None:
+        """Each refusal reaches the read side with its machine and the seconds it asked a seat for."""
+        store = await backend.node()
+        store.denied(LIC, "m1", by="local", message=LIMIT_REACHED, interval=300)
+        store.denied(LIC, "m2", by="upstream", message=LIMIT_REACHED, interval=0)
+        await store.flush()
+        now = time.time()
+        window = Window(now - 3600, now + 3600, int(now - 3600), 7200)
+
+        def read() -> list[tuple[str, float | None]]:
+            with store.reader.snapshot() as snapshot:
+                return [(wish.machine, wish.interval) for wish in snapshot.wishes(LIC, window)]
+
+        assert await asyncio.to_thread(read) == [("m1", 300.0), ("m2", 0.0)]
 
 
 class TestSeveralNodes:

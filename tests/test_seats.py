@@ -436,3 +436,16 @@ class TestOnlyLicensedMachines:
             (r["key"], r["node_locked_machines"], r["distinct_machines"], r["denials"], r["seat_limit"])
             for r in rows
         ] == [(LICENSE, 3, 3, 1, 3)]
+        # m4's refusal was of a node-locked activation: a denial, but no floating demand
+        code, out = await asyncio.to_thread(
+            run_cli, "report", "plan", "--set", state, "--since", "1d", "--format", "json"
+        )
+        assert code == 0
+        (planned,) = [json.loads(line) for line in out.splitlines()]
+        assert (planned["key"], planned["denials"], planned["peak_demand"], planned["seats_100"]) == (
+            LICENSE,
+            1,
+            0,
+            0,
+        )
+        assert (planned["node_locked_machines"], planned["idle_machines"]) == (3, 0)

@@ -150,6 +150,14 @@ class TestUpgradeFrom01:
         assert (rows[FLOATING]["peak_seats"], rows[FLOATING]["seat_limit"]) == (1, 2)
         assert (rows[ONE_SEAT]["denials"], rows[ONE_SEAT]["seat_limit"]) == (1, 1)
         assert rows[NODE_LOCKED]["node_locked_machines"] == 1
+        # 0.1 kept no interval with ws-two's refusal; ONE-SEAT had no floating lease: a node-locked refusal
+        code, out = await asyncio.to_thread(
+            run_cli, "report", "plan", "--set", where, "--since", since, "--until", until, "--format", "json"
+        )
+        assert code == 0
+        planned = {row["key"]: row for row in map(json.loads, out.splitlines())}
+        assert (planned[ONE_SEAT]["denials"], planned[ONE_SEAT]["peak_demand"]) == (1, 0)
+        assert (planned[FLOATING]["peak_seats"], planned[FLOATING]["peak_demand"]) == (1, 1)
 
     async def test_audit_trail_continues_and_verifies(self, state: Path, upgraded: Daemon) -> None:
         """The new records continue the old chain, and `audit verify` passes over both."""

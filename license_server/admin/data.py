@@ -82,7 +82,12 @@ async def license_list(request: web.Request, days: int, offset: int, most: int) 
     ledger = services.licensing.seats
     await ledger.flush()
     rows, _ = await asyncio.to_thread(
-        licenses, ledger.reader, since=now - days * DAY, until=now, in_use=ledger.in_use()
+        licenses,
+        ledger.reader,
+        since=now - days * DAY,
+        until=now,
+        in_use=ledger.in_use(),
+        idle_days=request.app[SETTINGS].idle_days,
     )
     found = Slice.of(rows, offset, most)
     return {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from license_server.reports import charts
 from license_server.reports.machines import MachineQuery, machines
+from license_server.reports.plan import LicensePlan, PlanQuery, plan_report
 from license_server.reports.seats import SeatQuery, SeatReport, license_summary, seat_report
 from license_server.reports.tables import iso
 from license_server.storage.interfaces import SeatReader
@@ -59,16 +60,18 @@ def _whole(value: object) -> int:
 
 
 def licenses(
-    reader: SeatReader, *, since: float, until: float, in_use: Mapping[License, int]
+    reader: SeatReader, *, since: float, until: float, in_use: Mapping[License, int], idle_days: int
 ) -> tuple[list[dict[str, object]], SeatReport]:
-    """Every license the ledger knows: its limit, seats in use now, machines, and the period's peak."""
+    """Every license the ledger knows: its limit, seats in use now, machines, the period's peak and plan."""
     with reader.snapshot() as ledger:
         limits = ledger.limits()
         counts = ledger.machine_counts()
         report = seat_report(ledger, SeatQuery(since=since, until=until), max_steps=charts.MAX_STEP_POINTS)
+        planned = plan_report(ledger, PlanQuery(since=since, until=until, now=until, idle_days=idle_days))
     usage = {(item.product_id, item.key): item for item in report.licenses}
+    plans = {(item.product_id, item.key): item for item in planned.licenses}
     rows: list[dict[str, object]] = []
-    for license in sorted(limits.keys() | counts.keys() | usage.keys() | in_use.keys()):
+    for license in sorted(limits.keys() | counts.keys() | usage.keys() | in_use.keys() | plans.keys()):
         product, key = license
         limit = limits.get(license)
         total, active = counts.get(license, MachineCount(0, 0))
@@ -85,21 +88,42 @@ def licenses(
                 "denials": 0 if period is None else period.denials,
                 "summary": None if period is None else license_summary(period),
                 "limit_seen": None if limit is None else iso(limit.updated),
+                **_planning(plans.get(license)),
             }
         )
     return rows, report
 
 
+PLANNING = (
+    "peak_demand",
+    "unmet_seat_hours",
+    "seats_95",
+    "seats_99",
+    "seats_100",
+    "hours_over_limit",
+    "idle_machines",
+)
+
+
+def _planning(found: LicensePlan | None) -> dict[str, object]:
+    """A license's planning columns: demand, the seats that serve it, and the idle machines to free."""
+    row = {} if found is None else found.as_dict()
+    return {name: row.get(name, 0) for name in PLANNING}
+
+
 def seat_chart(reader: SeatReader, *, since: float, until: float, key: str | None) -> bytes:
-    """The reports' seats-in-use chart as SVG; charts.ChartsUnavailableError without matplotlib."""
+    """Seats in use and demand against each limit as SVG; ChartsUnavailableError without matplotlib."""
     charts.require()
     with reader.snapshot() as ledger:
         report = seat_report(
             ledger, SeatQuery(since=since, until=until, key=key), max_steps=charts.MAX_STEP_POINTS
         )
+        # the chart draws no idle machines: any idle_days will do
+        planned = plan_report(ledger, PlanQuery(since=since, until=until, now=until, idle_days=0, key=key))
+    demand = {(item.product_id, item.key): item for item in planned.licenses}
     with tempfile.TemporaryDirectory(prefix="license-server-chart-") as folder:
         target = Path(folder) / "seats.svg"
-        charts.draw_seats(report, target)
+        charts.draw_seats(report, target, demand)
         return target.read_bytes()
 
 

@@ -108,6 +108,7 @@ async def licenses(request: web.Request) -> web.Response:
         days=days,
         count=_shown(found["total"], offset, len(found["licenses"]), "license(s)"),
         pages=_page_links(request, found["total"], offset, per_page),
+        idle_days=request.app[SETTINGS].idle_days,
     )
 
 

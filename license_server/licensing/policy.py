@@ -290,7 +290,13 @@ class Licensing:
             return
         lowered = message.lower()
         if call.kind is Kind.ACTIVATE and message == LIMIT_REACHED:
-            self.seats.denied(call.license, call.machine_code, by="upstream", message=message)
+            self.seats.denied(
+                call.license,
+                call.machine_code,
+                by="upstream",
+                message=message,
+                interval=max(0, call.floating_interval),
+            )
         # Only a key spelt exactly as the license is named speaks for the license: a refusal of a look-alike
         # with spaces around it must not drop the real key's kept answers.
         if call.fields.get("key") == call.license_key and any(marker in lowered for marker in _LICENSE_GONE):
@@ -354,7 +360,8 @@ class Licensing:
 
     def _seat_refused(self, call: Call, failure: UpstreamFailure) -> Outcome:
         """The refusal upstream itself gives when every floating seat is taken."""
-        self.seats.denied(call.license, call.machine_code, by="local", message=LIMIT_REACHED)
+        seats, interval = self.seats, call.floating_interval
+        seats.denied(call.license, call.machine_code, by="local", message=LIMIT_REACHED, interval=interval)
         return Outcome(
             Action.REFUSED,
             200,

@@ -1,14 +1,21 @@
-"""Seats-in-use charts for `report seats --chart`; matplotlib is imported only when a chart is drawn."""
+"""Seats-in-use charts for `report seats --chart` and the console, demand beside them where planned.
+
+matplotlib is imported only when a chart is drawn.
+"""
 
 from __future__ import annotations
 
 import importlib
+import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from license_server.reports.plan import LicensePlan
 from license_server.reports.seats import LicenseUsage, SeatReport
 from license_server.reports.tables import printable
+from license_server.storage.seats import License
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -66,8 +73,37 @@ def seat_series(report: SeatReport, usage: LicenseUsage) -> tuple[list[float], l
     return times, counts
 
 
-def draw_seats(report: SeatReport, path: Path) -> None:
-    """Write the chart of floating seats in use against each license's limit to an .svg or .png file."""
+def demand_series(report: SeatReport, plan: LicensePlan) -> tuple[list[float], list[int]]:
+    """Demand (leases and waiting machines) over the range as a step line, as seat_series draws seats.
+
+    Every change when there are at most MAX_STEP_POINTS, else the peak of each of the report's buckets.
+    """
+    since, until = report.query.since, report.query.until
+    if len(plan.steps) <= MAX_STEP_POINTS:
+        times = [max(moment / 1_000_000, since) for moment, _, _ in plan.steps] or [since]
+        counts = [held + waiting for _, held, waiting in plan.steps] or [0]
+    else:
+        buckets = report.buckets
+        peaks = [0] * buckets.count
+        ends = [moment / 1_000_000 for moment, _, _ in plan.steps[1:]] + [until]
+        for (moment, held, waiting), end in zip(plan.steps, ends, strict=True):
+            # the buckets the step is live in, [moment, end): from the one holding it to the one before end
+            first = max(buckets.index(moment / 1_000_000), 0)
+            last = min(math.ceil((end - buckets.origin) / buckets.size) - 1, buckets.count - 1)
+            for index in range(first, last + 1):
+                peaks[index] = max(peaks[index], held + waiting)
+        times = [max(float(buckets.start(index)), since) for index in range(buckets.count)]
+        counts = peaks
+    times.append(until)
+    counts.append(counts[-1])
+    return times, counts
+
+
+def draw_seats(report: SeatReport, path: Path, demand: Mapping[License, LicensePlan] | None = None) -> None:
+    """Write the chart of floating seats in use against each license's limit to an .svg or .png file.
+
+    With `demand` (the plan of the same range), each license's demand is drawn dotted beside its seats.
+    """
     form = chart_format(path)
     try:
         import matplotlib
@@ -89,6 +125,18 @@ def draw_seats(report: SeatReport, path: Path) -> None:
             times, counts = seat_series(report, usage)
             label = printable(f"{usage.key} (product {usage.product_id})")
             (line,) = axes.step(_dates(times), counts, where="post", label=label, linewidth=1.2)
+            planned = None if demand is None else demand.get((usage.product_id, usage.key))
+            if planned is not None and planned.peak_demand > planned.peak_seats:
+                wanted, levels = demand_series(report, planned)
+                axes.step(
+                    _dates(wanted),
+                    levels,
+                    where="post",
+                    color=line.get_color(),
+                    linestyle=":",
+                    linewidth=1.2,
+                    label=printable(f"{usage.key}: demand, refused machines included"),
+                )
             if usage.seat_limit:
                 limit = printable(f"{usage.key}: limit of {usage.seat_limit}")
                 axes.axhline(usage.seat_limit, color=line.get_color(), linestyle="--", label=limit)

@@ -20,7 +20,9 @@ from license_server.storage.seats import (
     LicenseLimit,
     MachineCount,
     MachineRow,
+    NodeLocked,
     Window,
+    Wish,
 )
 
 if TYPE_CHECKING:
@@ -137,6 +139,14 @@ class SeatSnapshot(Protocol):
         """Seats refused in each bucket that had a refusal."""
         ...
 
+    def wishes(self, license: License, window: Window) -> list[Wish]:
+        """The license's denials made in the window, in time order, with the interval each asked for."""
+        ...
+
+    def node_locked(self, idle_before: float) -> dict[License, NodeLocked]:
+        """Per license, its node-locked machines not deactivated, and those of them last seen by then."""
+        ...
+
     def machines(
         self, *, product: str | None = None, key: str | None = None, idle_before: float | None = None
     ) -> list[MachineRow]:
@@ -208,8 +218,8 @@ class SeatStore(Protocol):
         """A machine's activation was licensed (written in the background, summed in memory meanwhile)."""
         ...
 
-    def denied(self, license: License, machine: str, *, by: str, message: str) -> None:
-        """A seat was refused, by upstream or by the daemon during an outage."""
+    def denied(self, license: License, machine: str, *, by: str, message: str, interval: float) -> None:
+        """A seat was refused, by upstream or by the daemon in an outage; `interval`: seconds asked for."""
         ...
 
     async def flush(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from license_server.storage.postgres import ConnectInfo, DatabaseError
-from license_server.storage.seats import BootClock, LeaseClock
+from license_server.storage.seats import BootClock, LeaseClock, denied_interval
 from license_server.storage.state import StateFolder, StateLock, load_fingerprint_key
 
 FINGERPRINT_SETTING = "fingerprint-key"  # the shared key of token fingerprints (storage.pg_answers)
@@ -77,8 +77,8 @@ _ACTIVITY = (
     " calls = activity.calls + excluded.calls, floating = activity.floating OR excluded.floating"
 )
 _DENIALS = (
-    "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message, node)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+    "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message, floating_interval,"
+    " node) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
 )
 
 
@@ -307,8 +307,8 @@ def _copy_ledger(
             (
                 (*row, node)
                 for row in db.execute(
-                    "SELECT product_id, license_key, machine_code, time, denied_by, message FROM denials"
-                    " ORDER BY id"
+                    "SELECT product_id, license_key, machine_code, time, denied_by, message,"  # noqa: S608
+                    f" {denied_interval(db)} FROM denials ORDER BY id"
                 )
             ),
         )

@@ -138,5 +138,11 @@ _V1 = (
     )""",
 )
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1),)
+_V2 = (
+    # Owner: storage.pg_seats. The seconds a refused machine asked a seat for (0: node-locked; NULL: denied
+    # before this was kept), for `report plan`. Nullable, so a node of version 1 still inserts denials.
+    "ALTER TABLE denials ADD COLUMN floating_interval double precision",
+)
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2))
 LATEST = MIGRATIONS[-1][0]

@@ -24,7 +24,9 @@ from license_server.storage.seats import (
     LicenseLimit,
     MachineCount,
     MachineRow,
+    NodeLocked,
     Window,
+    Wish,
 )
 
 _HOUR = 3600
@@ -67,6 +69,17 @@ _DENIALS = (
     f" AND time >= {_SINCE} AND time < {_UNTIL} GROUP BY 1"
 )
 _LIVE_LEASES = LIVE_LEASES.replace(":now", "%(now)s::double precision")
+# As seats._WISHES; a database still on schema 1 (not migrated yet) kept no interval.
+_WISHES = (
+    "SELECT machine_code, time, {interval} FROM denials"  # noqa: S608  # constants of this module only
+    " WHERE product_id = %(product)s AND license_key = %(key)s"
+    f" AND time >= {_SINCE} AND time < {_UNTIL} ORDER BY time, id"
+)
+_NODE_LOCKED = (
+    "SELECT product_id, license_key, count(*), count(*) FILTER (WHERE last_seen <= %s::double precision)"
+    " FROM machines WHERE calls > 0 AND NOT floating AND deactivated IS NULL GROUP BY product_id, license_key"
+)
+_SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
 _MACHINES = (
     "SELECT friendly_name, product_id, license_key, machine_code, first_seen, last_seen, client, calls,"
     " floating, deactivated FROM machines"
@@ -186,6 +199,20 @@ class PgSeatSnapshot:
     def denials(self, license: License, window: Window) -> dict[int, int]:
         """Seats refused in each bucket that had a refusal."""
         return {int(b): int(n) for b, n in self._conn.execute(_DENIALS, _params(license, window))}
+
+    def wishes(self, license: License, window: Window) -> list[Wish]:
+        """The license's denials made in the window, in time order, with the interval each asked for."""
+        row = self._conn.execute(_SCHEMA_VERSION).fetchone()
+        interval = "floating_interval" if row is not None and int(row[0]) >= 2 else "NULL"
+        rows = self._conn.execute(_WISHES.format(interval=interval), _params(license, window))
+        return [Wish(str(m), float(t), None if i is None else float(i)) for m, t, i in rows]
+
+    def node_locked(self, idle_before: float) -> dict[License, NodeLocked]:
+        """Per license, its node-locked machines not deactivated, and those of them last seen by then."""
+        return {
+            (str(p), str(k)): NodeLocked(int(active), int(idle))
+            for p, k, active, idle in self._conn.execute(_NODE_LOCKED, (idle_before,))
+        }
 
     def machines(
         self, *, product: str | None = None, key: str | None = None, idle_before: float | None = None

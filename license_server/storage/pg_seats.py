@@ -417,7 +417,7 @@ class PgSeatLedger:
 
         self._write("seen", {"machines": machine_rows, "activity": activity_rows})
 
-    def denied(self, license: License, machine: str, *, by: str, message: str) -> None:
+    def denied(self, license: License, machine: str, *, by: str, message: str, interval: float) -> None:
         """A seat was refused, by upstream or by a node during an outage (timed by the database's clock)."""
         args = {
             "p": license[0],
@@ -426,6 +426,7 @@ class PgSeatLedger:
             "at": self._db_now(),
             "by": by,
             "message": message,
+            "interval": interval,
         }
         self._write("denied", args)
 
@@ -634,9 +635,11 @@ class PgSeatLedger:
             await _write_seen(conn, a["machines"], a["activity"])
         elif op == "denied":
             await conn.execute(
-                "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message, node)"
-                " VALUES (%(p)s, %(k)s, %(m)s, %(at)s, %(by)s, %(message)s, %(node)s)",
-                {**a, "node": self.node},
+                "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message, node,"
+                " floating_interval) VALUES (%(p)s, %(k)s, %(m)s, %(at)s, %(by)s, %(message)s, %(node)s,"
+                " %(interval)s)",
+                # A write spooled by the version before has no interval.
+                {**a, "node": self.node, "interval": a.get("interval")},
             )
         elif op == "local":
             await _write_local(conn, {**a, "now": now})

@@ -90,12 +90,25 @@ CREATE TABLE IF NOT EXISTS denials (
     machine_code TEXT NOT NULL,
     time         REAL NOT NULL,
     denied_by    TEXT NOT NULL,      -- 'upstream' or 'local'
-    message      TEXT NOT NULL
+    message      TEXT NOT NULL,
+    floating_interval REAL           -- seconds the machine asked a seat for (0: node-locked); NULL: not kept
 );
 CREATE INDEX IF NOT EXISTS denials_license_time ON denials (product_id, license_key, time);
 """
 
 License = tuple[str, str]  # (product id, upper-cased license key)
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Add what later versions added to a ledger file an earlier version made (SQLite has no migrations)."""
+    if denied_interval(db) == "NULL":
+        db.execute("ALTER TABLE denials ADD COLUMN floating_interval REAL")
+
+
+def denied_interval(db: sqlite3.Connection) -> str:
+    """What to select for a denial's interval: its column, or NULL in a file made before it was kept."""
+    found = any(row[1] == "floating_interval" for row in db.execute("PRAGMA table_info(denials)"))
+    return "floating_interval" if found else "NULL"
 
 
 class LeaseClock(Protocol):
@@ -168,7 +181,7 @@ class SeatLedger:
         lease_clock: LeaseClock,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._db = SqliteWorker(path, SCHEMA)
+        self._db = SqliteWorker(path, SCHEMA, _upgrade)
         self.reader = SqliteSeatReader(path)
         self.clock = clock
         self.lease_clock = lease_clock
@@ -407,15 +420,16 @@ class SeatLedger:
 
         self._db.write(write)
 
-    def denied(self, license: License, machine: str, *, by: str, message: str) -> None:
-        """A seat was refused, by upstream or by the daemon during an outage."""
+    def denied(self, license: License, machine: str, *, by: str, message: str, interval: float) -> None:
+        """A seat was refused, by upstream or by the daemon in an outage; `interval`: seconds asked for."""
         now = self.clock()
         product, key = license
         self._db.write(
             lambda db: db.execute(
-                "INSERT INTO denials (product_id, license_key, machine_code, time, denied_by, message)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (product, key, machine, now, by, message),
+                "INSERT INTO denials"
+                " (product_id, license_key, machine_code, time, denied_by, message, floating_interval)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (product, key, machine, now, by, message, interval),
             )
         )
 
@@ -508,6 +522,17 @@ _DENIALS = (
     "SELECT CAST((time - :origin) / :size AS INTEGER) AS bucket, count(*) FROM denials"
     " WHERE product_id = :product AND license_key = :key AND time >= :since AND time < :until GROUP BY bucket"
 )
+# The denials made in the range, each with the interval its machine asked for (NULL where not kept).
+_WISHES = (
+    "SELECT machine_code, time, {interval} FROM denials"
+    " WHERE product_id = :product AND license_key = :key AND time >= :since AND time < :until"
+    " ORDER BY time, id"
+)
+# Machines whose last activation was node-locked and that hold their seat still, and the idle ones of them.
+_NODE_LOCKED = (
+    "SELECT product_id, license_key, count(*), sum(last_seen <= ?) FROM machines"
+    " WHERE NOT floating AND deactivated IS NULL GROUP BY product_id, license_key"
+)
 _MACHINES = (
     "SELECT friendly_name, product_id, license_key, machine_code, first_seen, last_seen, client, calls,"
     " floating, deactivated FROM machines"
@@ -572,6 +597,21 @@ class MachineCount(NamedTuple):
 
     known: int
     active: int
+
+
+class Wish(NamedTuple):
+    """A denial: the machine refused, when, and the seconds it asked a seat for (None: not kept then)."""
+
+    machine: str
+    time: float
+    interval: float | None
+
+
+class NodeLocked(NamedTuple):
+    """A license's node-locked machines that hold their seat (not deactivated), and how many are idle."""
+
+    active: int
+    idle: int
 
 
 class SqliteSeatReader:
@@ -657,6 +697,19 @@ class SqliteSeatSnapshot:
     def denials(self, license: License, window: Window) -> dict[int, int]:
         """Seats refused in each bucket that had a refusal."""
         return dict(self._db.execute(_DENIALS, _params(license, window)).fetchall())
+
+    def wishes(self, license: License, window: Window) -> list[Wish]:
+        """The license's denials made in the window, in time order, with the interval each asked for."""
+        # A file the daemon has not opened since the column was added lacks it: no interval was kept.
+        rows = self._db.execute(_WISHES.format(interval=denied_interval(self._db)), _params(license, window))
+        return [Wish(str(m), float(t), None if i is None else float(i)) for m, t, i in rows]
+
+    def node_locked(self, idle_before: float) -> dict[License, NodeLocked]:
+        """Per license, its node-locked machines not deactivated, and those of them last seen by then."""
+        return {
+            (str(p), str(k)): NodeLocked(int(active), int(idle or 0))
+            for p, k, active, idle in self._db.execute(_NODE_LOCKED, (idle_before,))
+        }
 
     def machines(
         self, *, product: str | None = None, key: str | None = None, idle_before: float | None = None

@@ -25,9 +25,10 @@ Write = Callable[[sqlite3.Connection], object]  # whatever it returns is ignored
 class SqliteWorker:
     """A database in `state_dir`: statements run on its own thread, in the order they were submitted."""
 
-    def __init__(self, path: Path, schema: str) -> None:
+    def __init__(self, path: Path, schema: str, upgrade: Write | None = None) -> None:
         self.path = path
         self._schema = schema
+        self._upgrade = upgrade  # brings a file made by an earlier version to the schema (no-op when there)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=path.stem)
         self._db: sqlite3.Connection | None = None
         # Not serial: the worker thread keeps batches in order, and a read queued after them waits for them.
@@ -75,6 +76,9 @@ class SqliteWorker:
         if check is None or check[0] != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {check}")
         db.executescript(self._schema)
+        if self._upgrade is not None:
+            with db:
+                self._upgrade(db)
 
     def write(self, fn: Write) -> asyncio.Future[None]:
         """Queue a write; writes queued in one loop iteration share one transaction.
