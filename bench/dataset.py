@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
+import orjson
+
 from license_server.licensing.protocol import Call, TokenFingerprints, parse_fields
+from license_server.licensing.signatures import SignedLicense, parse_signed_answer, runway_facts
 from license_server.storage.answers import Kept, Store
 from license_server.storage.state import ANSWERS_FILE, load_fingerprint_key
 from tests.fake_upstream import Activation, FakeCryptolens
@@ -136,9 +139,15 @@ async def _fill(state_dir: Path, secret: bytes, vendor: Vendor, licenses: int, f
     store = Store(state_dir / ANSWERS_FILE)
     fingerprints = TokenFingerprints(secret)
     await store.open()
+    signed: dict[int, SignedLicense] = {}
     try:
         for number, (index, machine) in enumerate(pairs(licenses), 1):
             call = Call.from_fields(METHOD, parse_fields(activate_form(index, machine)))
+            body = vendor.answer(index)
+            if index not in signed:
+                found = parse_signed_answer(orjson.loads(body))
+                assert found is not None
+                signed[index] = found
             store.put(
                 Kept(
                     cache_key=call.cache_key(fingerprints),
@@ -147,7 +156,8 @@ async def _fill(state_dir: Path, secret: bytes, vendor: Vendor, licenses: int, f
                     license_key=call.license_key.upper(),
                     machine_code=call.machine_code,
                     fetched_at=fetched_at,
-                    body=vendor.answer(index),
+                    body=body,
+                    facts=runway_facts(signed[index], call.machine_code, body),  # as the daemon keeps them
                 )
             )
             if number % 10_000 == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import sqlite3
 import time
@@ -18,9 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from license_server.config import DatabaseConfig
 from license_server.licensing.cache import AnswerCache
 from license_server.licensing.signatures import load_keyring
-from license_server.storage.answers import Kept, Store
+from license_server.storage.answers import Kept, KeptActivation, SqliteAnswerReader, Store
 from license_server.storage.interfaces import AnswerStore
-from license_server.storage.pg_answers import LISTENER_NAME, PgAnswerStore, shared_fingerprint_key
+from license_server.storage.pg_answers import (
+    LISTENER_NAME,
+    PgAnswerReader,
+    PgAnswerStore,
+    shared_fingerprint_key,
+)
 from license_server.storage.postgres import Database, connect_info
 from tests.fake_upstream import FakeCryptolens
 
@@ -200,6 +206,34 @@ class TestContract:
         store.put(answer("bob", machine="bob", fetched_at=50.0))
         found = await store.kept_activations(P, L, "alice")  # queued ones included
         assert found == [(b"body30.0", 30.0), (b"body20.0", 20.0), (b"body10.0", 10.0)]
+
+    async def test_reader_gives_the_facts_that_hold_else_the_body(self, backend: Backend) -> None:
+        """Runway facts kept with an answer stand for its body, unless another writer replaced the body."""
+        store = await backend.store()
+        facts = f'["{hashlib.sha256(BODY).hexdigest()[:16]}",1,2,5,false]'
+        store.put(dataclasses.replace(answer("f", machine="with-facts"), facts=facts))
+        store.put(answer("n", machine="without"))
+        store.put(dataclasses.replace(answer("s", machine="stale"), facts=facts))
+        store.put(dataclasses.replace(answer("g", method=GET_KEY), facts=facts))  # not an activation
+        await store.flush()
+        other = b'{"result":0}'
+        await backend.sql(  # as a node of an earlier version writes: body and digest, facts left alone
+            "UPDATE answers SET body = %s, digest = %s WHERE cache_key = %s",
+            other,
+            hashlib.sha256(other).digest(),
+            answer("s").cache_key,
+        )
+        reader = (
+            SqliteAnswerReader(backend.path)
+            if backend.url is None
+            else PgAnswerReader(connect_info(DatabaseConfig(url=backend.url)))
+        )
+        found = sorted(await asyncio.to_thread(lambda: list(reader.activations())))
+        assert found == [
+            KeptActivation(P, L, "stale", 1_700_000_000.0, facts, other),
+            KeptActivation(P, L, "with-facts", 1_700_000_000.0, facts, None),
+            KeptActivation(P, L, "without", 1_700_000_000.0, None, BODY),
+        ]
 
     async def test_count_and_kept_follow_every_change(self, backend: Backend) -> None:
         store = await backend.store()

@@ -234,6 +234,34 @@ class TestAtTheEdge:
             assert (checked is not None) is accepted, ws.machine
 
 
+class TestFactsKept:
+    """The facts kept beside an Activate answer give the runway its body gives."""
+
+    async def test_node_locked_and_floating(
+        self, daemon_factory: Callable[..., Awaitable[Daemon]], upstream: Upstream
+    ) -> None:
+        """Read from the facts (no body), each machine's holding equals the one parsed from its body."""
+        daemon = await daemon_factory("products={3349: {time_limited: all}}")
+        assert (await station(daemon, upstream, "facts-locked").activate())[0] is not None
+        assert (await station(daemon, upstream, "facts-float").activate(floating=600))[0] is not None
+        services = daemon.app[SERVICES]
+        await services.store.flush()
+        rows = await asyncio.to_thread(lambda: list(answer_reader(daemon.config).activations()))
+        assert sorted(row.machine_code for row in rows) == ["facts-float", "facts-locked"]
+        for row in rows:
+            assert row.body is None
+            assert row.facts is not None
+            ((body, _),) = await services.store.kept_activations(
+                row.product_id, row.license_key, row.machine_code
+            )
+            parsed = runway.from_kept(row._replace(facts=None, body=body))
+            assert parsed is not None
+            assert runway.from_kept(row) == parsed
+            assert parsed.floating is (row.machine_code == "facts-float")
+            assert parsed.sign_date is not None
+            assert parsed.expires is not None
+
+
 class TestWhereAdminsLook:
     """The command, /status, /metrics, and the outage warnings."""
 

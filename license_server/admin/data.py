@@ -190,7 +190,7 @@ async def _runway_of(services: Services, row: Mapping[str, object], now: float) 
     license = (str(row["product_id"]), str(row["key"]))
     code = str(row["machine_code"])
     kept = await services.store.kept_activations(*license, code)
-    holdings = [runway.from_kept(KeptActivation(*license, code, at, body)) for body, at in kept]
+    holdings = [runway.from_kept(KeptActivation(*license, code, at, None, body)) for body, at in kept]
     found = [holding for holding in holdings if holding is not None]
     file = services.licensing.files.for_activate(*license, code)
     if file is not None:

@@ -20,6 +20,7 @@ from license_server.licensing.signatures import (
     KeyRing,
     SignedLicense,
     parse_signed_answer,
+    runway_facts,
     verify_metadata,
     verify_signed,
 )
@@ -233,6 +234,9 @@ class Licensing:
                         machine_code=call.machine_code if call.kind is Kind.ACTIVATE else "",
                         fetched_at=self.clock(),
                         body=answered.body,
+                        facts=runway_facts(signed, call.machine_code, answered.body)
+                        if call.kind is Kind.ACTIVATE
+                        else None,
                     )
                 )
         return outcome

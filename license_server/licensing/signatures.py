@@ -270,6 +270,19 @@ class SignedLicense:
         return None
 
 
+def runway_facts(signed: SignedLicense, machine_code: str, body: bytes) -> str:
+    """What a kept Activate answer's runway needs, as stored beside it (reports/runway.py reads it back).
+
+    JSON: [the first 16 hex digits of the body's SHA-256, SignDate, Expires, F1..F8 as bits (F1 lowest),
+    whether the machine is listed as floating]. The digest ties the facts to the body they were read from:
+    a row whose body another writer replaced (a node of an earlier version) is read from its body again.
+    """
+    bits = sum(1 << index for index, flag in enumerate(signed.features) if flag)
+    floating = signed.floating_lease(machine_code) is not None
+    digest = hashlib.sha256(body).hexdigest()[:16]
+    return orjson.dumps([digest, signed.sign_date, signed.expires, bits, floating]).decode()
+
+
 def _casefold_fields(obj: Mapping[Any, Any], what: str) -> dict[str, Any]:
     """The object's string-keyed fields under lower-case names; conflicting duplicates are an error."""
     out: dict[str, Any] = {}

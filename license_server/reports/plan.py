@@ -131,9 +131,21 @@ def plan_report(ledger: SeatSnapshot, query: PlanQuery) -> PlanReport:
         raise ValueError(f"idle days must not be negative, got {query.idle_days}")
     window = Window(query.since, query.until, math.floor(query.since), DAY)  # buckets are not used
     idle = ledger.node_locked(query.now - query.idle_days * DAY)
-    found = licenses_of(ledger, query.product, query.key)
+    # A license whose only trace is its machines (their hourly activity removed, or never written) is
+    # planned too: its idle machines are still seats to free.
+    found = sorted(set(licenses_of(ledger, query.product, query.key)) | set(_matching(idle, query)))
     plans = (_plan(ledger, license, window, idle.get(license, NodeLocked(0, 0))) for license in found)
     return PlanReport(query, tuple(plan for plan in plans if plan.steps or plan.node_locked.active))
+
+
+def _matching(licenses: Iterable[License], query: PlanQuery) -> Iterator[License]:
+    """The licenses of the query's product (exact) and key (any case), where given."""
+    wanted = None if query.key is None else query.key.casefold()
+    for product, key in licenses:
+        if (query.product is None or product == query.product) and (
+            wanted is None or key.casefold() == wanted
+        ):
+            yield product, key
 
 
 def licenses_of(ledger: SeatSnapshot, product: str | None, key: str | None) -> list[License]:

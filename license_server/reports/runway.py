@@ -92,9 +92,24 @@ class Runway(NamedTuple):
 def from_kept(kept: KeptActivation) -> Holding | None:
     """The holding a kept Activate answer gives its machine; None for one that carries no signed license.
 
-    Reads only the fields a runway needs (a kept answer was verified when it was kept); an answer whose
-    fields are not named as Cryptolens names them is read by the full parser.
+    From the runway facts kept beside it when they hold for its body; else from the body, reading only the
+    fields a runway needs (it was verified when it was kept), or by the full parser for an answer whose
+    fields are not named as Cryptolens names them.
     """
+    if kept.body is None:  # the facts kept beside it hold for its body
+        assert kept.facts is not None
+        _, sign_date, expires, bits, floating = orjson.loads(kept.facts)
+        return Holding(
+            kept.product_id,
+            kept.license_key,
+            kept.machine_code,
+            "kept answer",
+            kept.fetched_at,
+            None if sign_date is None else float(sign_date),
+            None if expires is None else float(expires),
+            tuple(bool(bits >> index & 1) for index in range(8)),
+            bool(floating),
+        )
     try:
         payload = binascii.a2b_base64(orjson.loads(kept.body)["licenseKey"])
         fields = orjson.loads(payload)
@@ -130,6 +145,7 @@ def from_kept(kept: KeptActivation) -> Holding | None:
 
 def _parsed(kept: KeptActivation) -> Holding | None:
     """A kept answer read by the full parser (any casing of its field names)."""
+    assert kept.body is not None
     try:
         signed = parse_signed_answer(orjson.loads(kept.body))
     except (ValueError, AnswerFormatError):

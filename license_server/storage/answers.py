@@ -30,8 +30,11 @@ CREATE TABLE IF NOT EXISTS answers (
     license_key  TEXT NOT NULL,
     machine_code TEXT NOT NULL,
     fetched_at   REAL NOT NULL,
-    body         BLOB NOT NULL,
-    digest       BLOB NOT NULL
+    -- Before the body, so that reading them does not read the body's overflow pages (a file made before
+    -- facts were kept has them added last, and is read more slowly).
+    digest       BLOB NOT NULL,
+    facts        TEXT,              -- an Activate answer's runway facts (signatures.runway_facts)
+    body         BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS answers_license ON answers (product_id, license_key, machine_code);
 -- How many answers are kept, counted by the database itself in the same transactions as the rows, so
@@ -59,6 +62,7 @@ class Kept:
     machine_code: str  # "" for GetKey answers
     fetched_at: float  # unix time the upstream answer arrived
     body: bytes
+    facts: str | None = None  # an Activate answer's runway facts (signatures.runway_facts), else None
 
     @property
     def license(self) -> License:
@@ -70,7 +74,7 @@ class Store:
     """SQLite-backed kept answers; reads see writes still queued."""
 
     def __init__(self, path: Path) -> None:
-        self._db = SqliteWorker(path, _SCHEMA)
+        self._db = SqliteWorker(path, _SCHEMA, _upgrade)
         self._pending: dict[bytes, Kept] = {}
         self._kept = 0  # set on the worker thread, from the count the database keeps
 
@@ -174,21 +178,25 @@ class Store:
         await self._db.close()
 
 
-# Standard SQL: the PostgreSQL reader runs it too.
-KEPT_ACTIVATIONS = (
-    "SELECT product_id, license_key, machine_code, fetched_at, body FROM answers"
+# The body only where the runway facts are missing or were read from another body (their digest differs).
+_ACTIVATIONS = (
+    "SELECT product_id, license_key, machine_code, fetched_at, {facts} FROM answers"
     " WHERE method = 'key/activate' AND machine_code <> ''"
+)
+_WITH_FACTS = (
+    "facts, CASE WHEN substr(facts, 3, 16) = lower(hex(substr(digest, 1, 8))) THEN NULL ELSE body END"
 )
 
 
 class KeptActivation(NamedTuple):
-    """A kept Activate answer as reports read it: whose, when fetched, and its body."""
+    """A kept Activate answer as reports read it: whose, when fetched, its runway facts or else its body."""
 
     product_id: str
     license_key: str
     machine_code: str
     fetched_at: float
-    body: bytes
+    facts: str | None  # signatures.runway_facts, when they hold for the body kept
+    body: bytes | None  # None when the facts hold
 
 
 class SqliteAnswerReader:
@@ -203,19 +211,32 @@ class SqliteAnswerReader:
             return
         db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True)
         try:
-            yield from map(KeptActivation._make, db.execute(KEPT_ACTIVATIONS))
+            facts = _WITH_FACTS if has_facts(db) else "NULL, body"
+            yield from map(KeptActivation._make, db.execute(_ACTIVATIONS.format(facts=facts)))
         finally:
             db.close()
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Add what later versions added to an answers file an earlier version made (SQLite has no migrations)."""
+    if not has_facts(db):
+        db.execute("ALTER TABLE answers ADD COLUMN facts TEXT")
+
+
+def has_facts(db: sqlite3.Connection) -> bool:
+    """Whether an answers file keeps runway facts (one made before they were kept does not, until opened)."""
+    return any(row[1] == "facts" for row in db.execute("PRAGMA table_info(answers)"))
 
 
 def _put(db: sqlite3.Connection, kept: Kept) -> None:
     """Insert or replace one kept answer with the digest that guards its body."""
     # An upsert, not INSERT OR REPLACE: a replacing row must not count as one more kept answer.
     db.execute(
-        "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cache_key) DO UPDATE SET"
+        "INSERT INTO answers (cache_key, method, product_id, license_key, machine_code, fetched_at, body,"
+        " digest, facts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cache_key) DO UPDATE SET"
         " method = excluded.method, product_id = excluded.product_id, license_key = excluded.license_key,"
         " machine_code = excluded.machine_code, fetched_at = excluded.fetched_at, body = excluded.body,"
-        " digest = excluded.digest",
+        " digest = excluded.digest, facts = excluded.facts",
         (
             kept.cache_key,
             kept.method,
@@ -225,6 +246,7 @@ def _put(db: sqlite3.Connection, kept: Kept) -> None:
             kept.fetched_at,
             kept.body,
             hashlib.sha256(kept.body).digest(),
+            kept.facts,
         ),
     )
 

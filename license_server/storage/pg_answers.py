@@ -28,7 +28,7 @@ import psycopg
 import structlog
 
 from license_server.background import GroupCommit
-from license_server.storage.answers import KEPT_ACTIVATIONS, Kept, KeptActivation
+from license_server.storage.answers import Kept, KeptActivation
 from license_server.storage.interfaces import Forgotten
 from license_server.storage.pg_nodes import settle, within
 from license_server.storage.postgres import ConnectInfo, Database
@@ -56,16 +56,24 @@ _KEY_BYTES = 32
 # One statement per batch; a row changes only for an answer fetched no earlier than the one it holds, since
 # nodes write the same cache key in any order. `xmax = 0` tells a new row from an updated one.
 _UPSERT = """
-INSERT INTO answers AS a (cache_key, method, product_id, license_key, machine_code, fetched_at, body, digest)
+INSERT INTO answers AS a (cache_key, method, product_id, license_key, machine_code, fetched_at, body, digest,
+                          facts)
 SELECT * FROM unnest(%s::bytea[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::bytea[],
-                     %s::bytea[])
+                     %s::bytea[], %s::text[])
 ON CONFLICT (cache_key) DO UPDATE SET
     method = excluded.method, product_id = excluded.product_id, license_key = excluded.license_key,
     machine_code = excluded.machine_code, fetched_at = excluded.fetched_at, body = excluded.body,
-    digest = excluded.digest
+    digest = excluded.digest, facts = excluded.facts
 WHERE a.fetched_at <= excluded.fetched_at
 RETURNING (xmax = 0)
 """
+
+# The body only where the runway facts are missing or were read from another body (their digest differs).
+_ACTIVATIONS = (
+    "SELECT product_id, license_key, machine_code, fetched_at, facts,"
+    " CASE WHEN substr(facts, 3, 16) = encode(substring(digest FROM 1 FOR 8), 'hex') THEN NULL ELSE body END"
+    " FROM answers WHERE method = 'key/activate' AND machine_code <> ''"
+)
 
 Conn = psycopg.AsyncConnection[Any]
 Lists = Callable[[bytes], bool]
@@ -534,6 +542,7 @@ async def _upsert(conn: Conn, rows: list[Kept]) -> int:
         [k.fetched_at for k in rows],
         [k.body for k in rows],
         [hashlib.sha256(k.body).digest() for k in rows],
+        [k.facts for k in rows],
     )
     cursor = await conn.execute(_UPSERT, columns)
     return sum(1 for (new,) in await cursor.fetchall() if new)
@@ -586,9 +595,16 @@ class PgAnswerReader:
         """Every kept Activate answer naming a machine; DatabaseError if the database cannot be reached."""
         with self.info.connect() as conn, conn.cursor(name="kept_activations") as cursor:
             cursor.itersize = 2000
-            cursor.execute(KEPT_ACTIVATIONS)
-            for product, license_key, machine, fetched, body in cursor:
-                yield KeptActivation(product, license_key, machine, float(fetched), bytes(body))
+            cursor.execute(_ACTIVATIONS)
+            for product, license_key, machine, fetched, facts, body in cursor:
+                yield KeptActivation(
+                    product,
+                    license_key,
+                    machine,
+                    float(fetched),
+                    facts,
+                    None if body is None else bytes(body),
+                )
 
 
 def _everything(body: bytes) -> bool:
@@ -616,12 +632,13 @@ def _encode(kept: Kept) -> list[Any]:
         kept.machine_code,
         kept.fetched_at,
         base64.b64encode(kept.body).decode(),
+        kept.facts,
     ]
 
 
 def _decode(row: list[Any]) -> Kept:
     """An answer read back from the spool."""
-    key, method, product_id, license_key, machine_code, fetched_at, body = row
+    key, method, product_id, license_key, machine_code, fetched_at, body, *facts = row  # no facts: spooled
     return Kept(
         bytes.fromhex(key),
         method,
@@ -630,6 +647,7 @@ def _decode(row: list[Any]) -> Kept:
         machine_code,
         float(fetched_at),
         base64.b64decode(body),
+        facts[0] if facts else None,
     )
 
 

@@ -144,5 +144,11 @@ _V2 = (
     "ALTER TABLE denials ADD COLUMN floating_interval double precision",
 )
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2))
+_V3 = (
+    # Owner: storage.pg_answers. An Activate answer's runway facts (signatures.runway_facts), for `report
+    # runway` without parsing every body. Nullable, so a node of an earlier version still writes answers.
+    "ALTER TABLE answers ADD COLUMN facts text",
+)
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _V1), (2, _V2), (3, _V3))
 LATEST = MIGRATIONS[-1][0]
