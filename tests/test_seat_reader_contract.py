@@ -280,6 +280,9 @@ def test_every_snapshot_method_answers_alike(both: Both) -> None:
         for idle_before in (T0 - 10 * DAY, T0, T0 + 3 * DAY, T0 + 30 * DAY):
             assert pg.node_locked(idle_before) == lite.node_locked(idle_before)
         assert any(lite.node_locked(T0 + 3 * DAY).values())
+        for now in (T0 - DAY, T0, T0 + 3600, T0 + 3 * DAY):
+            assert pg.live_leases(now) == lite.live_leases(now)
+        assert any(lite.live_leases(T0 + 3600).values())
         for license in license_set(both.made):
             assert pg.limit(license) == lite.limit(license)
             for window in windows(rng):
