@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import shutil
 import statistics
@@ -247,22 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     shutil.rmtree(work, ignore_errors=True)
     text = table(runs, shape)
-    results = {
-        "command": " ".join(["python", "bench/backends.py", *(argv if argv is not None else sys.argv[1:])]),
+    fields = {
         "environment": run.environment(),
         "shape": dataclasses.asdict(shape),
         "dataset": bench.results["dataset"],
         "runs": runs,
-        "table": text,
-        "total_s": round(time.perf_counter() - began, 1),
     }
-    run.RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "backends-quick" if args.quick else "backends"
-    (run.RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(text)
-    print(f"\nbench: {results['total_s']:.0f} s; raw runs in bench/results/{name}.json")
-    return 0
+    return run.write_comparison("backends", argv, args.quick, fields, text, began)
 
 
 if __name__ == "__main__":

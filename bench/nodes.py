@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import dataclasses
 import http.client
-import json
 import os
 import shlex
 import shutil
@@ -333,22 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         runs = compare(bench, shape)
     text = table(runs, shape)
     version = subprocess.run([HAPROXY, "-v"], capture_output=True, text=True, check=False).stdout
-    results = {
-        "command": shlex.join(["python", "bench/nodes.py", *(argv if argv is not None else sys.argv[1:])]),
+    fields = {
         "environment": {**run.environment(), "haproxy": version.splitlines()[0] if version else ""},
         "shape": dataclasses.asdict(shape),
         "dataset": bench.results["dataset"],
         "runs": runs,
-        "table": text,
-        "total_s": round(time.perf_counter() - began, 1),
     }
-    run.RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "nodes-quick" if args.quick else "nodes"
-    (run.RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(text)
-    print(f"\nbench: {results['total_s']:.0f} s; raw runs in bench/results/{name}.json")
-    return 0
+    return run.write_comparison("nodes", argv, args.quick, fields, text, began)
 
 
 if __name__ == "__main__":

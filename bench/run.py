@@ -673,6 +673,27 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
+def write_comparison(
+    script: str, argv: list[str] | None, quick: bool, fields: dict[str, Any], text: str, began: float
+) -> int:
+    """Write a comparison's raw runs to bench/results/<script>[-quick].json and print its table."""
+    results = {
+        "command": shlex.join(
+            ["python", f"bench/{script}.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        **fields,
+        "table": text,
+        "total_s": round(time.perf_counter() - began, 1),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"{script}-quick" if quick else script
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(text)
+    print(f"\nbench: {results['total_s']:.0f} s; raw runs in bench/results/{name}.json")
+    return 0
+
+
 def environment() -> dict[str, Any]:
     """What the figures were measured on."""
 

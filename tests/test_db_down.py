@@ -55,6 +55,16 @@ async def proxy_to(url: str) -> FaultProxy:
     return proxy
 
 
+async def proxied(opened: AsyncExitStack, pg_url: str) -> tuple[FaultProxy, Database]:
+    """A fault proxy in front of the database and a pool through it, closed (proxy last) after the test."""
+    proxy = await proxy_to(pg_url)
+    opened.push_async_callback(proxy.stop)
+    database = Database(connect_info(DatabaseConfig(url=through(proxy, pg_url))))
+    await database.open()
+    opened.push_async_callback(database.close)
+    return proxy, database
+
+
 @dataclass
 class Node:
     """One node's database pool, heartbeat and seat ledger, reaching PostgreSQL through its own proxy."""
@@ -76,11 +86,7 @@ async def node(
     opened: AsyncExitStack, pg_url: str, name: str, *, every: float = 1.0, live_within: float = 5.0
 ) -> Node:
     """Open a node behind a fresh fault proxy; closed (proxy last) when the test ends."""
-    proxy = await proxy_to(pg_url)
-    opened.push_async_callback(proxy.stop)
-    database = Database(connect_info(DatabaseConfig(url=through(proxy, pg_url))))
-    await database.open()
-    opened.push_async_callback(database.close)
+    proxy, database = await proxied(opened, pg_url)
     heartbeat = Heartbeat(database, node=name, version="test", every=every, live_within=live_within)
     await heartbeat.start()
     opened.push_async_callback(heartbeat.close)

@@ -18,16 +18,14 @@ import aiohttp
 import psycopg
 import pytest
 
-from license_server.config import DatabaseConfig
 from license_server.storage.answers import Kept
 from license_server.storage.pg_answers import PgAnswerStore
 from license_server.storage.pg_seats import PgSeatLedger
-from license_server.storage.postgres import Database, connect_info
 from license_server.storage.spool import Spool
 from license_server.storage.state import StateFolder
 from license_server.web.keys import SERVICES
 from tests.conftest import LICENSE, PRODUCT, TOKEN, Daemon, send_form
-from tests.test_db_down import DOWN_WITHIN, UP_WITHIN, proxy_to, through, until
+from tests.test_db_down import DOWN_WITHIN, UP_WITHIN, proxied, proxy_to, through, until
 
 LIC = ("3349", "SPOOL-SPOOL-SPOOL-SPOOL")
 
@@ -156,11 +154,7 @@ async def test_answers_spooled_are_served_and_dropped_as_asked(
     pg_url: str, opened: AsyncExitStack, tmp_path: Path
 ) -> None:
     """Puts and a machine's drop made while the database refuses: reads see both; the database gets both."""
-    proxy = await proxy_to(pg_url)
-    opened.push_async_callback(proxy.stop)
-    database = Database(connect_info(DatabaseConfig(url=through(proxy, pg_url))))
-    await database.open()
-    opened.push_async_callback(database.close)
+    proxy, database = await proxied(opened, pg_url)
     spool = Spool(database, node="n1", path=tmp_path / "spool.sqlite3")
     await spool.open()
     opened.push_async_callback(spool.close)
@@ -196,11 +190,7 @@ async def test_a_replay_cut_before_its_local_delete_is_not_applied_twice(
     pg_url: str, opened: AsyncExitStack, tmp_path: Path
 ) -> None:
     """A node killed between the database's commit and the spool's delete: its next start skips the write."""
-    proxy = await proxy_to(pg_url)
-    opened.push_async_callback(proxy.stop)
-    database = Database(connect_info(DatabaseConfig(url=through(proxy, pg_url))))
-    await database.open()
-    opened.push_async_callback(database.close)
+    proxy, database = await proxied(opened, pg_url)
     path = tmp_path / "spool.sqlite3"
     first = Spool(database, node="n1", path=path)
     await first.open()
