@@ -630,6 +630,7 @@ def _machine_query(args: argparse.Namespace) -> machines.MachineQuery:
 def _runway(args: argparse.Namespace, config: Config) -> int:
     """`report runway`: 0 even when nothing matches, 2 for a bad option or a store that cannot be read."""
     from license_server.storage.backend import answer_reader
+    from license_server.storage.interfaces import StoreUnreachableError
     from license_server.storage.postgres import DatabaseError
 
     now = datetime.now(UTC).timestamp()
@@ -648,7 +649,7 @@ def _runway(args: argparse.Namespace, config: Config) -> int:
     except KeyFormatError as exc:
         print(f"license-server: configuration error: public_key: {exc}", file=sys.stderr)
         return 2
-    except (LedgerUnreadableError, DatabaseError, OSError) as exc:
+    except (LedgerUnreadableError, StoreUnreachableError, DatabaseError, OSError) as exc:
         print(f"license-server: cannot read the kept answers or the ledger: {exc}", file=sys.stderr)
         return 2
     chosen = runway.select(found, query)

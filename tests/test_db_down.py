@@ -11,19 +11,26 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import psycopg
 import pytest
 
-from license_server.config import DatabaseConfig
+from license_server.admin.app import create_admin_app
+from license_server.admin.credentials import Secret
+from license_server.admin.keys import Assets
+from license_server.config import AdminConfig, DatabaseConfig
 from license_server.storage.pg_nodes import Heartbeat
 from license_server.storage.pg_seats import PgSeatLedger
 from license_server.storage.postgres import Database, connect_info
 from license_server.web.keys import SERVICES
-from tests.conftest import Daemon
+from tests.admin_support import ADMIN_TOKEN
+from tests.conftest import LICENSE, PRODUCT, Daemon, ServerFactory, send_form
 from tests.fault_proxy import FaultProxy
+from tests.test_proxy import activate_form
+from tests.test_shared_console import Console, console  # noqa: F401 - the fixture, used by name
 
 LIC = ("3349", "SHARE-SHARE-SHARE-SHARE")
 DOWN_WITHIN = 2.5  # seconds: a beat every second, each given one second
@@ -255,3 +262,63 @@ async def test_take_gives_up_on_a_blackholed_database_within_a_second(
     while [m for m, _, _ in await leases(pg_url)] != ["ws-1"]:
         assert time.monotonic() - started < 5
         await asyncio.sleep(0.2)
+
+
+class TestConsoleApi:
+    """With the database out of reach the console's API answers at once: what it cannot read, it says so."""
+
+    async def test_license_file_and_machines(
+        self,
+        daemon_factory: Callable[..., Awaitable[Daemon]],
+        aiohttp_server: ServerFactory,
+        pg_url: str,
+        opened: AsyncExitStack,
+    ) -> None:
+        """Refused: a kept answer's license file and the machines list answer errors within seconds."""
+        proxy = await proxy_to(pg_url)
+        opened.push_async_callback(proxy.stop)
+        daemon = await daemon_factory(f"database.url={through(proxy, pg_url)}", "node.name=solo")
+        opened.push_async_callback(daemon.stop)
+        status, _, _ = await send_form(daemon.base, "/api/key/activate", activate_form(machine="ws-db"))
+        assert status == 200
+        services = daemon.app[SERVICES]
+        await services.store.flush()
+        await services.licensing.seats.flush()
+        assets = await asyncio.to_thread(Assets.load)
+        admin = await aiohttp_server(
+            create_admin_app(services, AdminConfig(), Secret(ADMIN_TOKEN), None, assets), host="127.0.0.1"
+        )
+        base = f"http://127.0.0.1:{admin.port}"
+        bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        target = {"product_id": str(PRODUCT), "key": LICENSE, "machine_code": "ws-db"}
+
+        async def get(path: str, params: dict[str, str]) -> tuple[int, Any]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(base + path, params=params, headers=bearer) as response,
+            ):
+                if response.content_type != "application/json":  # a license file
+                    return response.status, await response.read()
+                return response.status, await response.json()
+
+        status, found = await get("/api/v1/machines", {"sort": "runway"})
+        assert status == 200, found
+        assert [(m["machine_code"], m["limited_by"]) for m in found["machines"]] == [
+            ("ws-db", "keep.max_age")
+        ]
+        assert (await get("/api/v1/license-file", target))[0] == 200
+        await proxy.set("refuse")
+        heartbeat = services.heartbeat
+        assert heartbeat is not None
+        await until(lambda: not heartbeat.up, within=DOWN_WITHIN)
+        started = time.monotonic()
+        status, found = await get("/api/v1/license-file", target)
+        assert status == 503, found
+        assert "shared database cannot be reached" in found["message"]
+        status, found = await get("/api/v1/machines", {"sort": "runway"})
+        assert status == 503, found  # the ledger and the kept answers are in the database
+        assert "cannot be read now" in found["error"]
+        status, found = await get("/api/v1/licenses", {})
+        assert status == 503, found
+        assert "hunter2" not in str(found)
+        assert time.monotonic() - started < 10  # never the pool's own 30 s each

@@ -31,6 +31,8 @@ from license_server.licensing.signatures import (
     parse_signed_answer,
     verify_signed,
 )
+from license_server.storage.interfaces import StoreUnreachableError
+from license_server.storage.seats import LedgerMissingError, LedgerUnreadableError
 from license_server.web.keys import Services
 
 log = structlog.get_logger(__name__)
@@ -208,12 +210,20 @@ class Console:
     # -- the pieces ----------------------------------------------------------------------------------
 
     async def _known(self, target: Target) -> Target:
-        """The target with the ledger's friendly name (for the audit record) and seat kind, where unknown."""
+        """The target with the ledger's friendly name (for the audit record) and seat kind, where unknown.
+
+        A ledger that cannot be read now (a shared database out of reach) leaves the target as given: the
+        action does not need it.
+        """
         ledger = self.services.licensing.seats
         await ledger.flush()
-        facts = await asyncio.to_thread(
-            machine_facts, ledger.reader, target.product_id, target.key, target.machine_code
-        )
+        try:
+            facts = await asyncio.to_thread(
+                machine_facts, ledger.reader, target.product_id, target.key, target.machine_code
+            )
+        except (LedgerMissingError, LedgerUnreadableError) as exc:
+            log.warning("admin_ledger_unreadable", error=str(exc))
+            facts = None
         name, floating = facts if facts is not None else ("", False)
         return dataclasses.replace(
             target,
@@ -314,9 +324,17 @@ class Console:
 
     async def _find_kept(self, target: Target) -> Result:
         """The newest kept answer for the machine that still verifies, else a license file, else a refusal."""
-        kept = await self.services.store.kept_activations(
-            target.product_id, target.key.upper(), target.machine_code
-        )
+        try:
+            kept = await self.services.store.kept_activations(
+                target.product_id, target.key.upper(), target.machine_code
+            )
+        except StoreUnreachableError:
+            return Result(
+                False,
+                503,
+                "The shared database cannot be reached now, so the kept answers cannot be read;"
+                " try again once it is back (the status page shows it).",
+            )
         for body, _fetched in kept:
             signed = self._signed(body, target)
             if signed is not None:

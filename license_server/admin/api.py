@@ -11,6 +11,7 @@ from license_server.admin import data
 from license_server.admin.actions import InvalidInputError, Result, Target
 from license_server.admin.keys import ASSETS, CONSOLE, PRINCIPAL, VERIFIER
 from license_server.admin.render import error, json_response
+from license_server.storage.interfaces import StoreUnreachableError
 
 MAX_JSON_BYTES = 16 * 1024
 
@@ -38,14 +39,17 @@ async def machines(request: web.Request) -> web.Response:
         by_runway = data.by_runway(query)
     except data.BadQueryError as exc:
         return error(request, 400, str(exc))
-    found = await data.machine_list(
-        request,
-        query.get("q", ""),
-        idle_only=data.flag(query.get("idle")),
-        offset=offset,
-        most=most,
-        by_runway=by_runway,
-    )
+    try:
+        found = await data.machine_list(
+            request,
+            query.get("q", ""),
+            idle_only=data.flag(query.get("idle")),
+            offset=offset,
+            most=most,
+            by_runway=by_runway,
+        )
+    except StoreUnreachableError as exc:
+        return error(request, 503, f"cannot sort by runway now ({exc}); sort by name instead")
     for row in found.rows:
         row.pop("runway_short", None)  # the page's highlight: the API gives the seconds
     return json_response(

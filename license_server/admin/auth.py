@@ -27,7 +27,9 @@ from license_server.admin.keys import (
 from license_server.admin.render import error, is_api, page
 from license_server.admin.sessions import COOKIE, Session, csrf_ok
 from license_server.admin.throttle import FREE_FAILURES
+from license_server.storage.interfaces import StoreUnreachableError
 from license_server.storage.postgres import DatabaseError
+from license_server.storage.seats import LedgerUnreadableError
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +60,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         response = error(request, exc.status, exc.reason)
+    except (LedgerUnreadableError, StoreUnreachableError) as exc:  # a shared database out of reach
+        log.warning("admin_store_unreadable", path=request.path, error=str(exc))
+        response = error(request, 503, f"The shared state cannot be read now, try again shortly: {exc}")
     response.headers.update(_HEADERS)
     return response
 

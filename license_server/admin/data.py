@@ -19,6 +19,7 @@ from license_server.reports.runway import Runway
 from license_server.reports.tables import iso
 from license_server.storage.answers import KeptActivation
 from license_server.storage.backend import answer_reader
+from license_server.storage.interfaces import StoreUnreachableError
 from license_server.storage.seats import MachineRow
 from license_server.web.handlers import status_document
 from license_server.web.keys import Services
@@ -150,7 +151,8 @@ async def machine_list(
     """A page of the machines matching a search across all licenses, marked idle or not, with their runway.
 
     By name (the ledger's order), the runways of the page's machines are looked up one by one; by runway
-    (soonest lock-out first), every machine's is computed, which takes longer on a large ledger.
+    (soonest lock-out first), every machine's is computed, which takes longer on a large ledger, and raises
+    StoreUnreachableError while a shared database cannot be read.
     """
     services = services_of(request)
     ledger = services.licensing.seats
@@ -168,7 +170,11 @@ async def machine_list(
     )
     if not by_runway:
         for row in found.rows:
-            _show_runway(row, await _runway_of(services, row, now), services.config, now)
+            try:
+                _show_runway(row, await _runway_of(services, row, now), services.config, now)
+            except StoreUnreachableError:  # not known now: said so, not shown as a machine with nothing kept
+                _show_runway(row, None, services.config, now)
+                row["limited_by"] = UNKNOWN
         return found
     await services.store.flush()
     answers = answer_reader(services.config)
@@ -202,6 +208,9 @@ async def _runway_of(services: Services, row: Mapping[str, object], now: float) 
     )
     (one,) = runway.runways(found, [machine], leases, services.config, now)
     return one
+
+
+UNKNOWN = "unknown: the shared database cannot be reached"
 
 
 def _show_runway(row: dict[str, object], found: Runway | None, config: Config, now: float) -> None:

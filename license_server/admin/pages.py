@@ -19,6 +19,7 @@ from license_server.admin.ledger import seat_chart
 from license_server.admin.render import error, page
 from license_server.reports.charts import INSTALL_HINT, ChartsUnavailableError
 from license_server.reports.runway import duration_text
+from license_server.storage.interfaces import StoreUnreachableError
 
 log = structlog.get_logger(__name__)
 
@@ -156,9 +157,12 @@ async def machines(request: web.Request, *, message: str = "", kind: str = "ok")
         by_runway = data.by_runway(request.query)
     except data.BadQueryError as exc:
         return error(request, 400, str(exc))
-    found = await data.machine_list(
-        request, text, idle_only=idle_only, offset=offset, most=per_page, by_runway=by_runway
-    )
+    try:
+        found = await data.machine_list(
+            request, text, idle_only=idle_only, offset=offset, most=per_page, by_runway=by_runway
+        )
+    except StoreUnreachableError as exc:
+        return error(request, 503, f"Cannot sort by runway now ({exc}); sort by name instead.")
     sorting = {"q": text, **({"idle": "1"} if idle_only else {})}
     return page(
         request,

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from license_server.storage.seats import SeatLedger, SqliteSeatReader
 
 
+class StoreUnreachableError(Exception):
+    """The shared database behind a store cannot be reached now: a read that needs it cannot be answered."""
+
+
 @dataclass(frozen=True, slots=True)
 class Forgotten:
     """Answers dropped through another node (or everything: a notice may have gone unheard), to drop too."""
@@ -43,7 +47,7 @@ class AnswerReader(Protocol):
     """The kept answers as reports read them, beside a daemon that may be writing (blocking)."""
 
     def activations(self) -> Iterator[KeptActivation]:
-        """Every kept Activate answer naming a machine."""
+        """Every kept Activate answer naming a machine; StoreUnreachableError if they cannot be read now."""
         ...
 
 
@@ -88,7 +92,10 @@ class AnswerStore(Protocol):
     async def kept_activations(
         self, product_id: str, license_key: str, machine_code: str
     ) -> list[tuple[bytes, float]]:
-        """A machine's kept Activate answers as (body, fetched at), newest first; the caller verifies them."""
+        """A machine's kept Activate answers as (body, fetched at), newest first; the caller verifies them.
+
+        StoreUnreachableError when a shared database does not answer within about a second.
+        """
         ...
 
     async def count(self) -> int:

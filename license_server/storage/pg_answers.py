@@ -29,9 +29,9 @@ import structlog
 
 from license_server.background import GroupCommit
 from license_server.storage.answers import Kept, KeptActivation
-from license_server.storage.interfaces import Forgotten
+from license_server.storage.interfaces import Forgotten, StoreUnreachableError
 from license_server.storage.pg_nodes import settle, within
-from license_server.storage.postgres import ConnectInfo, Database
+from license_server.storage.postgres import ConnectInfo, Database, DatabaseError
 from license_server.storage.spool import DEADLINE, Spool
 
 if TYPE_CHECKING:
@@ -417,15 +417,28 @@ class PgAnswerStore:
     async def kept_activations(
         self, product_id: str, license_key: str, machine_code: str
     ) -> list[tuple[bytes, float]]:
-        """A machine's kept Activate answers as (body, fetched at), newest first; the caller verifies them."""
-        await self._commits.flush()
-        async with self._db.pool.connection() as conn:
-            cursor = await conn.execute(
-                "SELECT body, fetched_at FROM answers WHERE product_id = %s AND license_key = %s"
-                " AND machine_code = %s AND method = 'key/activate' ORDER BY fetched_at DESC",
-                (product_id, license_key, machine_code),
-            )
-            rows = await cursor.fetchall()
+        """A machine's kept Activate answers as (body, fetched at), newest first; the caller verifies them.
+
+        StoreUnreachableError at once while the heartbeat says the database is down, or when it gives no
+        answer within about a second: an admin's page does not wait for the pool's own timeout.
+        """
+        await self._commits.flush()  # bounded: a batch the database does not take in time is spooled
+        if self._heartbeat is not None and not self._heartbeat.up:
+            raise StoreUnreachableError("the shared database cannot be reached")
+
+        async def read() -> list[tuple[Any, Any]]:
+            async with self._db.pool.connection(timeout=DEADLINE) as conn:
+                cursor = await conn.execute(
+                    "SELECT body, fetched_at FROM answers WHERE product_id = %s AND license_key = %s"
+                    " AND machine_code = %s AND method = 'key/activate' ORDER BY fetched_at DESC",
+                    (product_id, license_key, machine_code),
+                )
+                return await cursor.fetchall()
+
+        try:
+            rows = await within(read(), DEADLINE, self._leftovers)
+        except _UNREACHABLE as exc:
+            raise StoreUnreachableError(f"the shared database did not answer: {_first_line(exc)}") from None
         return [(bytes(body), float(fetched)) for body, fetched in rows]
 
     async def count(self) -> int:
@@ -592,19 +605,27 @@ class PgAnswerReader:
         self.info = info
 
     def activations(self) -> Iterator[KeptActivation]:
-        """Every kept Activate answer naming a machine; DatabaseError if the database cannot be reached."""
-        with self.info.connect() as conn, conn.cursor(name="kept_activations") as cursor:
-            cursor.itersize = 2000
-            cursor.execute(_ACTIVATIONS)
-            for product, license_key, machine, fetched, facts, body in cursor:
-                yield KeptActivation(
-                    product,
-                    license_key,
-                    machine,
-                    float(fetched),
-                    facts,
-                    None if body is None else bytes(body),
-                )
+        """Every kept Activate answer naming a machine; StoreUnreachableError if it cannot be read now."""
+        try:
+            with self.info.connect() as conn, conn.cursor(name="kept_activations") as cursor:
+                cursor.itersize = 2000
+                cursor.execute(_ACTIVATIONS)
+                for product, license_key, machine, fetched, facts, body in cursor:
+                    yield KeptActivation(
+                        product,
+                        license_key,
+                        machine,
+                        float(fetched),
+                        facts,
+                        None if body is None else bytes(body),
+                    )
+        except DatabaseError as exc:
+            raise StoreUnreachableError(str(exc)) from None
+        except psycopg.Error as exc:
+            shown = self.info.shown
+            raise StoreUnreachableError(
+                f"cannot read the kept answers at {shown}: {_first_line(exc)}"
+            ) from None
 
 
 def _everything(body: bytes) -> bool:
