@@ -129,7 +129,7 @@ def write_forms(path: Path, licenses: int) -> int:
 
 def fill_state_dir(state_dir: Path, vendor: Vendor, licenses: int, *, age: float = 3600.0) -> int:
     """Keep an answer for every form of `licenses` licenses, as the daemon would have; returns how many."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # as the daemon makes it: no warning at start
     secret = load_fingerprint_key(state_dir)  # made here as the daemon makes it at its first start
     return asyncio.run(_fill(state_dir, secret, vendor, licenses, time.time() - age))
 

@@ -145,10 +145,17 @@ class TestRunways:
         assert [r.machine_code for r in chosen] == ["in-30m", "in-5h"]
         everything = runway.select(found, RunwayQuery(now=NOW))
         assert everything[-1].machine_code == "file"  # no limit known: last
-        seen = runway.outlook(found, NOW)
-        assert seen.within == {"1h": 1, "24h": 2, "7d": 3}
-        assert seen.shortest == {"3349": 1800}
-        assert seen.machines == 5
+        ledger = [machine("in-30m"), machine("nothing-kept"), machine("gone", deactivated=NOW)]
+        seen = runway.outlook(runway.ends(holdings, ledger, settings, NOW), NOW)
+        assert seen.within == {"1h": 2, "24h": 3, "7d": 4}  # nothing-kept ends now: in every span
+        assert seen.shortest == {"3349": 0}
+        assert seen.machines == 6  # the five held, and the one of the ledger with nothing kept
+        alone = runway.outlook(runway.ends(holdings, [], settings, NOW), NOW)
+        assert (alone.within, alone.shortest, alone.machines) == (
+            {"1h": 1, "24h": 2, "7d": 3},
+            {"3349": 1800},
+            5,
+        )
 
 
 class TestOutput:

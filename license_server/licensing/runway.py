@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from license_server.config import Config, format_duration
-from license_server.reports.runway import Outlook, Runway, outlook
+from license_server.reports.runway import Ends, Outlook, outlook
 from license_server.reports.tables import iso
 
 log = structlog.get_logger(__name__)
@@ -34,7 +34,7 @@ class RunwayWatch:
 
     def __init__(
         self,
-        compute: Callable[[float], list[Runway]],
+        compute: Callable[[float], Ends],
         *,
         config: Callable[[], Config],
         outage: Callable[[], bool],
@@ -47,7 +47,7 @@ class RunwayWatch:
         self.latest: Outlook | None = None
         self.computed_at: float | None = None
         self.error: str | None = None
-        self._levels: dict[tuple[str, str, str], int] = {}  # machine: thresholds crossed this outage
+        self._levels: dict[int, int] = {}  # machine (as in Ends): thresholds crossed this outage
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -84,32 +84,31 @@ class RunwayWatch:
             self._warn(found, now)
             return self.latest
 
-    def _warn(self, found: list[Runway], now: float) -> None:
+    def _warn(self, found: Ends, now: float) -> None:
         """Log the machines that crossed a threshold since the last computation of this outage."""
         if not self._outage():
             self._levels.clear()  # the next outage warns afresh
             return
         thresholds = (*self._config().runway.warnings, 0.0)  # longest first; 0: locked out
-        crossed: dict[int, list[Runway]] = {}
-        levels: dict[tuple[str, str, str], int] = {}
-        for runway in found:
-            left = runway.remaining(now)
-            if left is None:
-                continue
-            level = sum(1 for threshold in thresholds if left <= threshold)
-            if not level:
-                continue
-            name = (runway.product_id, runway.key, runway.machine_code)
-            levels[name] = level
-            if level > self._levels.get(name, 0):
-                crossed.setdefault(level, []).append(runway)
+        # level: (product, end) of each machine that reached it since the last computation
+        crossed: dict[int, list[tuple[str, float]]] = {}
+        levels: dict[int, int] = {}
+        for product, machines in found.items():
+            for name, end in machines.items():
+                left = max(0.0, end - now)
+                level = sum(1 for threshold in thresholds if left <= threshold)
+                if not level:
+                    continue
+                levels[name] = level
+                if level > self._levels.get(name, 0):
+                    crossed.setdefault(level, []).append((product, end))
         self._levels = levels
-        for level, machines in sorted(crossed.items()):
+        for level, reached in sorted(crossed.items()):
             threshold = thresholds[level - 1]
             fields: dict[str, Any] = {
-                "machines": len(machines),
-                "products": sorted({runway.product_id for runway in machines}),
-                "soonest": iso(min(runway.until or now for runway in machines)),
+                "machines": len(reached),
+                "products": sorted({product for product, _ in reached}),
+                "soonest": iso(min(end for _, end in reached)),
             }
             if threshold:
                 log.warning("runway_below", within=format_duration(threshold), **fields)

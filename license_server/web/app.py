@@ -24,7 +24,7 @@ from license_server.licensing.signatures import KeyRing, load_keyring
 from license_server.licensing.upstream import Breaker, BreakerState, Upstream, make_session
 from license_server.logs import CallLine, structlog_call_line
 from license_server.reports import runway
-from license_server.reports.runway import Runway
+from license_server.reports.runway import Ends
 from license_server.storage.backend import answer_reader, open_stores
 from license_server.storage.seats import BootClock, LeaseClock
 from license_server.storage.state import StateLock, warn_if_open
@@ -138,10 +138,10 @@ def _watch_runway(services: Services, clock: Callable[[], float]) -> RunwayWatch
     """Start computing every machine's runway now and then, from this daemon's stores and files."""
     answers = answer_reader(services.config)
 
-    def compute(now: float) -> list[Runway]:
-        """Every machine's runway (blocking)."""
+    def compute(now: float) -> Ends:
+        """When each machine's runway ends (blocking)."""
         licensing = services.licensing
-        return runway.collect(answers, licensing.seats.reader, licensing.files, services.config, now)
+        return runway.collect_ends(answers, licensing.seats.reader, licensing.files, services.config, now)
 
     def outage() -> bool:
         """Whether workstations are answered without upstream now: offline mode or an open breaker."""
