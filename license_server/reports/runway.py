@@ -323,18 +323,10 @@ def duration_text(seconds: float | None) -> str:
 
 def as_row(runway: Runway, now: float) -> dict[str, object]:
     """One runway as the report shows it (JSON keeps the seconds left as a number)."""
-    return {
-        "friendly_name": runway.friendly_name,
-        "product_id": runway.product_id,
-        "key": runway.key,
-        "machine_code": runway.machine_code,
-        "floating": runway.floating,
-        "source": runway.source or None,
-        "licensed_until": iso(runway.until),
-        "limited_by": runway.limited_by,
-        "seat": seat(runway, now) or None,
-        "remaining_s": None if runway.until is None else round(max(0.0, runway.until - now)),
-    }
+    row = dict(zip(RUNWAY_COLUMNS[:-1], _cells(runway, now)[:-1], strict=True))  # all but the words left
+    left = runway.remaining(now)
+    row["remaining_s"] = None if left is None else round(left)
+    return row
 
 
 def write_runway(found: Iterable[Runway], out: TextIO, form: str, now: float) -> int:
