@@ -47,8 +47,8 @@ async def test_console_with_systemd_credentials(tmp_path: Path, upstream: Upstre
     process = DaemonProcess(
         tmp_path, start_config(tmp_path, upstream, admin_port), {"CREDENTIALS_DIRECTORY": str(credentials)}
     )
-    await process.start()
     admin = f"http://127.0.0.1:{admin_port}"
+    await process.start(also=[f"{admin}/healthz"])
     bearer = {"Authorization": f"Bearer {ADMIN}"}
     seen: list[str] = []
     try:

@@ -70,7 +70,7 @@ class TestDrain:
         drain = 1.5
         proc = daemon(tmp_path, upstream, f"{drain}s")
         console = console_on(proc, tmp_path)
-        await proc.start()
+        await proc.start(also=[f"{console}/healthz"])
         async with aiohttp.ClientSession() as session:
             assert await readyz(session, proc.base) == 200
             assert await readyz(session, console) == 200

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -24,7 +24,7 @@ import yaml
 
 from license_server.audit import chain
 from license_server.audit.verify import read_checkpoints, verify
-from tests.conftest import LICENSE, PRODUCT, TOKEN, Upstream, Workstation
+from tests.conftest import CHILDREN, LICENSE, PRODUCT, TOKEN, Upstream, Workstation
 
 pytestmark = pytest.mark.slow
 
@@ -60,22 +60,32 @@ class DaemonProcess:
         self.scheme = "http"
         self.tls: ssl.SSLContext | None = None
 
-    async def start(self, path: str = "/healthz") -> float:
-        """Start the process and wait until `path` answers 200; seconds from spawn to that answer."""
+    async def start(self, path: str = "/healthz", also: Sequence[str] = ()) -> float:
+        """Start the process and wait until `path` answers 200; seconds from spawn to that answer.
+
+        `also` are further URLs to wait for, such as the console's on its own port: the daemon opens that
+        listener after the workstation one.
+        """
         spawned = self.spawn()
         deadline = spawned + 15
         assert self.proc is not None
+        waiting = [f"{self.base}{path}", *also]
+        answered = 0.0
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
+            while waiting and time.monotonic() < deadline:
                 assert self.proc.poll() is None, self.log_path.read_text()
                 try:
-                    async with session.get(f"{self.base}{path}", ssl=self.tls or True) as response:
+                    async with session.get(waiting[0], ssl=self.tls or True) as response:
                         if response.status == 200:
-                            return time.monotonic() - spawned
+                            answered = answered or time.monotonic() - spawned
+                            waiting.pop(0)
+                            continue
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.01)
-        raise AssertionError(f"daemon did not answer {path}:\n{self.log_path.read_text()}")
+        if waiting:
+            raise AssertionError(f"daemon did not answer {waiting[0]}:\n{self.log_path.read_text()}")
+        return answered
 
     def spawn(self) -> float:
         """Start the process without waiting for it; the monotonic time it was started at."""
@@ -85,6 +95,7 @@ class DaemonProcess:
         started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=self.env)
+        CHILDREN.append(self.proc)
         return started
 
     def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
