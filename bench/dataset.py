@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,14 +129,19 @@ def write_forms(path: Path, licenses: int) -> int:
 
 
 def fill_state_dir(state_dir: Path, vendor: Vendor, licenses: int, *, age: float = 3600.0) -> int:
-    """Keep an answer for every form of `licenses` licenses, as the daemon would have; returns how many."""
+    """Keep an answer for every form of `licenses` licenses, as the daemon would have; returns how many.
+
+    Each answer was fetched at its own moment over the day before `age` ago, as workstations' calls are
+    spread, so that no report gains from many answers sharing one fetch time.
+    """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # as the daemon makes it: no warning at start
     secret = load_fingerprint_key(state_dir)  # made here as the daemon makes it at its first start
     return asyncio.run(_fill(state_dir, secret, vendor, licenses, time.time() - age))
 
 
-async def _fill(state_dir: Path, secret: bytes, vendor: Vendor, licenses: int, fetched_at: float) -> int:
+async def _fill(state_dir: Path, secret: bytes, vendor: Vendor, licenses: int, latest: float) -> int:
     """Write Kept rows through the daemon's own Store, with cache keys from its own Call."""
+    moments = random.Random(licenses)  # the same fetch times for the same data set
     store = Store(state_dir / ANSWERS_FILE)
     fingerprints = TokenFingerprints(secret)
     await store.open()
@@ -155,7 +161,7 @@ async def _fill(state_dir: Path, secret: bytes, vendor: Vendor, licenses: int, f
                     product_id=call.product_id,
                     license_key=call.license_key.upper(),
                     machine_code=call.machine_code,
-                    fetched_at=fetched_at,
+                    fetched_at=latest - moments.uniform(0, 86400),
                     body=body,
                     facts=runway_facts(signed[index], call.machine_code, body),  # as the daemon keeps them
                 )

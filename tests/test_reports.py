@@ -1119,3 +1119,11 @@ def test_a_year_of_a_big_site(ledger: Ledger) -> None:
     weeks = ledger.report(YEAR_START, YEAR_START + 364 * DAY, "week")
     assert len(weeks.licenses[0].rows) == 52
     assert sorted(row.peak_seats for row in weeks.licenses[0].rows)[-2:] == [121, 241]
+
+
+@given(st.integers(min_value=-86400, max_value=253402300799), st.floats(min_value=0, max_value=0.999))
+def test_iso_is_the_utc_second_a_moment_falls_in(seconds: int, fraction: float) -> None:
+    """Every report's times: ISO 8601 UTC to the second, the fraction dropped, up to the year 9999."""
+    expected = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert tables.iso(seconds + fraction) == expected
+    assert tables.iso(None) is None

@@ -20,7 +20,7 @@ from typing import NamedTuple, TextIO
 
 import orjson
 
-from license_server.config import Config
+from license_server.config import Config, ProductConfig
 from license_server.licensing.license_files import LicenseFile
 from license_server.licensing.signatures import AnswerFormatError, SignedLicense, parse_signed_answer
 from license_server.reports.tables import cell, csv_value, iso, write_json, write_prepared_csv, write_table
@@ -36,9 +36,11 @@ NO_LIMIT = "no limit known"
 OUTLOOK = (("1h", 3600.0), ("24h", 86400.0), ("7d", 7 * 86400.0))  # the buckets status pages count
 _FLOATING_PREFIXES = ("floating:", "overdraft:")
 _WHOLE = (int, type(None))  # SignDate and Expires: whole seconds, or absent (bool is not a time)
+# F1..F8 for each value of the facts' feature bits (F1 lowest): read by index, not rebuilt for each answer
+_FEATURES = tuple(tuple(bool(bits >> index & 1) for index in range(8)) for bits in range(256))
 
 EMPTY_RUNWAY = "(no matching machines)"
-_OWN_COLUMNS = frozenset({0, 3, 8})  # friendly name, machine code, seat: rarely shared by two rows
+_OWN_COLUMNS = frozenset({0, 3, 6, 8})  # friendly name, machine code, licensed until, seat: rarely shared
 RUNWAY_COLUMNS: tuple[str, ...] = (
     "friendly_name",
     "product_id",
@@ -108,7 +110,7 @@ def from_kept(kept: KeptActivation) -> Holding | None:
             kept.fetched_at,
             None if sign_date is None else float(sign_date),
             None if expires is None else float(expires),
-            tuple(bool(bits >> index & 1) for index in range(8)),
+            _FEATURES[bits & 0xFF],
             bool(floating),
         )
     try:
@@ -194,12 +196,16 @@ def _holding(
     )
 
 
-def limit(holding: Holding, config: Config) -> tuple[float | None, str]:
-    """When a holding stops licensing its machine, and which limit that is (None: no limit known)."""
+def limit(holding: Holding, config: Config, product: ProductConfig | None = None) -> tuple[float | None, str]:
+    """When a holding stops licensing its machine, and which limit that is (None: no limit known).
+
+    `product`: the settings of the holding's product, when the caller already looked them up.
+    """
     limits: list[tuple[float, str]] = []
     if holding.fetched_at is not None:
         limits.append((holding.fetched_at + config.keep.max_age, KEEP_MAX_AGE))
-    product = config.product(holding.product_id)
+    if product is None:
+        product = config.product(holding.product_id)
     if product.signature_expiration is not None and holding.sign_date is not None:
         limits.append((holding.sign_date + product.signature_expiration, SIGNATURE))
     if holding.expires is not None and product.checks_expiry(holding.features):
@@ -218,8 +224,9 @@ def runways(
 ) -> list[Runway]:
     """One runway per machine: its longest-lasting holding; a ledger machine without one locks out now."""
     best: dict[tuple[str, str, str], tuple[Holding, float | None, str]] = {}
+    products = _Products(config)
     for holding in holdings:
-        until, why = limit(holding, config)
+        until, why = limit(holding, config, products[holding.product_id])
         name = (holding.product_id, holding.key, holding.machine_code)
         known = best.get(name)
         if known is None or _later(until, known[1]):
@@ -250,6 +257,18 @@ def runways(
             )
             found.append(Runway(*name, row.friendly_name, row.floating, "", now, NOTHING_KEPT, lease))
     return found
+
+
+class _Products(dict[str, ProductConfig]):
+    """Each product's settings, looked up in the configuration once per product rather than per machine."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self._config = config
+
+    def __missing__(self, product_id: str) -> ProductConfig:
+        settings = self[product_id] = self._config.product(product_id)
+        return settings
 
 
 def _later(until: float | None, than: float | None) -> bool:
@@ -389,8 +408,9 @@ Ends = dict[str, dict[int, float]]
 def ends(holdings: Iterable[Holding], machines: Iterable[MachineRow], config: Config, now: float) -> Ends:
     """When each machine's runway ends, by product: its longest-lasting holding, else now (nothing kept)."""
     found: Ends = {}
+    products = _Products(config)
     for holding in holdings:
-        until, _ = limit(holding, config)
+        until, _ = limit(holding, config, products[holding.product_id])
         per = found.setdefault(holding.product_id, {})
         name = hash((holding.key, holding.machine_code))
         end = math.inf if until is None else until

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
 
@@ -20,7 +20,7 @@ def iso(moment: float | None) -> str | None:
     """A unix time as ISO 8601 UTC to the second, e.g. 2026-11-01T00:00:00Z; None stays None."""
     if moment is None:
         return None
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))  # a third of datetime's cost
 
 
 # --- cells ------------------------------------------------------------------------------------------
