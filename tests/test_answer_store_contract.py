@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from license_server.config import DatabaseConfig
 from license_server.licensing.cache import AnswerCache
+from license_server.licensing.runway import PacedReader
 from license_server.licensing.signatures import load_keyring
 from license_server.storage.answers import Kept, KeptActivation, SqliteAnswerReader, Store
 from license_server.storage.interfaces import AnswerStore
@@ -234,6 +235,22 @@ class TestContract:
             KeptActivation(P, L, "with-facts", 1_700_000_000.0, facts, None),
             KeptActivation(P, L, "without", 1_700_000_000.0, None, BODY),
         ]
+
+    async def test_paced_reader_gives_every_answer_in_order(self, backend: Backend) -> None:
+        """The runway watch's paced reading (a pause after every answer here) loses and reorders nothing."""
+        store = await backend.store()
+        for n in range(40):
+            store.put(answer(f"m{n}", machine=f"machine-{n}", fetched_at=1_700_000_000.0 + n))
+        await store.flush()
+        reader = (
+            SqliteAnswerReader(backend.path)
+            if backend.url is None
+            else PgAnswerReader(connect_info(DatabaseConfig(url=backend.url)))
+        )
+        plain = await asyncio.to_thread(lambda: list(reader.activations()))
+        paced = PacedReader(reader, work=0.0, pause=0.0)
+        assert await asyncio.to_thread(lambda: list(paced.activations())) == plain
+        assert len(plain) == 40
 
     async def test_count_and_kept_follow_every_change(self, backend: Backend) -> None:
         store = await backend.store()

@@ -19,7 +19,7 @@ from license_server.config import MAX_BODY_BYTES, Config, hold_restart_only
 from license_server.licensing.cache import AnswerCache
 from license_server.licensing.license_files import LicenseFiles
 from license_server.licensing.policy import Licensing, Rules
-from license_server.licensing.runway import RunwayWatch
+from license_server.licensing.runway import PacedReader, RunwayWatch
 from license_server.licensing.signatures import KeyRing, load_keyring
 from license_server.licensing.upstream import Breaker, BreakerState, Upstream, make_session
 from license_server.logs import CallLine, structlog_call_line
@@ -136,7 +136,7 @@ def _ship_audit(config: Config, database: Database, audit: AuditLog) -> Shipper:
 
 def _watch_runway(services: Services, clock: Callable[[], float]) -> RunwayWatch:
     """Start computing every machine's runway now and then, from this daemon's stores and files."""
-    answers = answer_reader(services.config)
+    answers = PacedReader(answer_reader(services.config))
 
     def compute(now: float) -> Ends:
         """When each machine's runway ends (blocking)."""
