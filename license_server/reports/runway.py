@@ -267,6 +267,7 @@ class _Products(dict[str, ProductConfig]):
         self._config = config
 
     def __missing__(self, product_id: str) -> ProductConfig:
+        """Look a product up the first time it is asked for."""
         settings = self[product_id] = self._config.product(product_id)
         return settings
 
