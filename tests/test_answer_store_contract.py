@@ -21,7 +21,7 @@ from license_server.licensing.cache import AnswerCache
 from license_server.licensing.runway import PacedReader
 from license_server.licensing.signatures import load_keyring
 from license_server.storage.answers import Kept, KeptActivation, SqliteAnswerReader, Store
-from license_server.storage.interfaces import AnswerStore
+from license_server.storage.interfaces import AnswerReader, AnswerStore
 from license_server.storage.pg_answers import (
     LISTENER_NAME,
     PgAnswerReader,
@@ -70,6 +70,12 @@ class Backend:
         await store.open()
         self._opened.append(store)
         return store
+
+    def reader(self) -> AnswerReader:
+        """The kept Activate answers as reports read them from this backend (blocking)."""
+        if self.url is None:
+            return SqliteAnswerReader(self.path)
+        return PgAnswerReader(connect_info(DatabaseConfig(url=self.url)))
 
     async def database(self) -> Database:
         """A pool of this node's own on the shared database, migrated."""
@@ -224,11 +230,7 @@ class TestContract:
             hashlib.sha256(other).digest(),
             answer("s").cache_key,
         )
-        reader = (
-            SqliteAnswerReader(backend.path)
-            if backend.url is None
-            else PgAnswerReader(connect_info(DatabaseConfig(url=backend.url)))
-        )
+        reader = backend.reader()
         found = sorted(await asyncio.to_thread(lambda: list(reader.activations())))
         assert found == [
             KeptActivation(P, L, "stale", 1_700_000_000.0, facts, other),
@@ -242,11 +244,7 @@ class TestContract:
         for n in range(40):
             store.put(answer(f"m{n}", machine=f"machine-{n}", fetched_at=1_700_000_000.0 + n))
         await store.flush()
-        reader = (
-            SqliteAnswerReader(backend.path)
-            if backend.url is None
-            else PgAnswerReader(connect_info(DatabaseConfig(url=backend.url)))
-        )
+        reader = backend.reader()
         plain = await asyncio.to_thread(lambda: list(reader.activations()))
         paced = PacedReader(reader, work=0.0, pause=0.0)
         assert await asyncio.to_thread(lambda: list(paced.activations())) == plain

@@ -13,6 +13,7 @@ only while one is free, which no date can promise.
 from __future__ import annotations
 
 import binascii
+import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -224,9 +225,9 @@ def runways(
 ) -> list[Runway]:
     """One runway per machine: its longest-lasting holding; a ledger machine without one locks out now."""
     best: dict[tuple[str, str, str], tuple[Holding, float | None, str]] = {}
-    products = _Products(config)
+    product = functools.cache(config.product)  # looked up once per product, not per machine
     for holding in holdings:
-        until, why = limit(holding, config, products[holding.product_id])
+        until, why = limit(holding, config, product(holding.product_id))
         name = (holding.product_id, holding.key, holding.machine_code)
         known = best.get(name)
         if known is None or _later(until, known[1]):
@@ -257,19 +258,6 @@ def runways(
             )
             found.append(Runway(*name, row.friendly_name, row.floating, "", now, NOTHING_KEPT, lease))
     return found
-
-
-class _Products(dict[str, ProductConfig]):
-    """Each product's settings, looked up in the configuration once per product rather than per machine."""
-
-    def __init__(self, config: Config) -> None:
-        super().__init__()
-        self._config = config
-
-    def __missing__(self, product_id: str) -> ProductConfig:
-        """Look a product up the first time it is asked for."""
-        settings = self[product_id] = self._config.product(product_id)
-        return settings
 
 
 def _later(until: float | None, than: float | None) -> bool:
@@ -409,9 +397,9 @@ Ends = dict[str, dict[int, float]]
 def ends(holdings: Iterable[Holding], machines: Iterable[MachineRow], config: Config, now: float) -> Ends:
     """When each machine's runway ends, by product: its longest-lasting holding, else now (nothing kept)."""
     found: Ends = {}
-    products = _Products(config)
+    product = functools.cache(config.product)  # looked up once per product, not per machine
     for holding in holdings:
-        until, _ = limit(holding, config, products[holding.product_id])
+        until, _ = limit(holding, config, product(holding.product_id))
         per = found.setdefault(holding.product_id, {})
         name = hash((holding.key, holding.machine_code))
         end = math.inf if until is None else until
